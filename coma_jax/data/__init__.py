@@ -1,0 +1,1 @@
+"""Data: tokenizer, image preprocessing, record formats and pipelines."""

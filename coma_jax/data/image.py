@@ -1,0 +1,66 @@
+"""Qwen2.5-VL image preprocessing (as transformers' `Qwen2VLImageProcessorPil`), in NumPy + PIL.
+
+smart_resize to a multiple of patch*merge within [min_pixels, max_pixels], bicubic resampling,
+rescale to [0, 1], CLIP normalisation, then patchify into (grid_h*grid_w, C*T*P*P) rows in the
+merge-unit-major order the vision tower expects (the still image is repeated over T frames).
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import numpy as np
+from PIL import Image
+
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+
+
+@dataclasses.dataclass(frozen=True)
+class ImageSettings:
+  min_pixels: int = 56 * 56
+  max_pixels: int = 28 * 28 * 1280
+  patch_size: int = 14
+  merge_size: int = 2
+  temporal_patch_size: int = 2
+
+  @property
+  def factor(self) -> int:
+    return self.patch_size * self.merge_size
+
+
+def smart_resize(height: int, width: int, factor: int, min_pixels: int, max_pixels: int) -> tuple[int, int]:
+  """Target (height, width): multiples of `factor`, area within the bounds, aspect ratio kept."""
+  if min(height, width) <= 0:
+    raise ValueError(f'image has zero size ({height}x{width})')
+  if max(height, width) / min(height, width) > 200:
+    raise ValueError(f'absolute aspect ratio must be smaller than 200, got {height}x{width}')
+  h_bar, w_bar = round(height / factor) * factor, round(width / factor) * factor
+  if h_bar * w_bar > max_pixels:
+    beta = math.sqrt(height * width / max_pixels)
+    h_bar = max(factor, math.floor(height / beta / factor) * factor)
+    w_bar = max(factor, math.floor(width / beta / factor) * factor)
+  elif h_bar * w_bar < min_pixels:
+    beta = math.sqrt(min_pixels / (height * width))
+    h_bar = math.ceil(height * beta / factor) * factor
+    w_bar = math.ceil(width * beta / factor) * factor
+  return h_bar, w_bar
+
+
+def patchify(image_chw: np.ndarray, s: ImageSettings) -> np.ndarray:
+  c, h, w = image_chw.shape
+  p, m, t = s.patch_size, s.merge_size, s.temporal_patch_size
+  gh, gw = h // p, w // p
+  x = image_chw.reshape(c, gh // m, m, p, gw // m, m, p).transpose(1, 4, 2, 5, 0, 3, 6)
+  x = np.broadcast_to(x[:, :, :, :, :, None], (*x.shape[:5], t, p, p))
+  return x.reshape(gh * gw, c * t * p * p)
+
+
+def preprocess_image(image: Image.Image, settings: ImageSettings = ImageSettings()) -> tuple[np.ndarray, tuple[int, int, int]]:
+  """PIL image -> (pixel patches (N, C*T*P*P) float32, grid (1, grid_h, grid_w))."""
+  image = image.convert('RGB')
+  h, w = smart_resize(image.height, image.width, settings.factor, settings.min_pixels, settings.max_pixels)
+  resized = np.asarray(image.resize((w, h), Image.Resampling.BICUBIC), np.float32) / 255.0
+  normalized = (resized - np.asarray(CLIP_MEAN, np.float32)) / np.asarray(CLIP_STD, np.float32)
+  patches = patchify(normalized.transpose(2, 0, 1), settings)
+  return patches.astype(np.float32), (1, h // settings.patch_size, w // settings.patch_size)

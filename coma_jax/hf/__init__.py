@@ -1,0 +1,2 @@
+"""HF bridges: the name mapping, checkpoint I/O and the processor-style forward."""
+from coma_jax.hf.forward import hf_style_forward

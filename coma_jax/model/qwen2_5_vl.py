@@ -1,0 +1,83 @@
+"""The whole Qwen2.5-VL model on the static-shape input contract (`inputs.ModelInputs`)."""
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from coma_jax.model.attention import attention
+from coma_jax.model.config import ModelConfig
+from coma_jax.model.inputs import ModelInputs
+from coma_jax.model.layers import Embed, Linear
+from coma_jax.model.rope import mrope_cos_sin
+from coma_jax.model.text import Attend, TextDecoder
+from coma_jax.model.vision import VisionTower, gather_units
+
+
+class Qwen25VL(nnx.Module):
+
+  def __init__(self, config: ModelConfig, *, dtype=jnp.float32, param_dtype=jnp.float32,
+               scan_layers: bool = True, remat: str = 'none', attention_impl: str = 'xla',
+               rngs: nnx.Rngs):
+    t = config.text
+    self.config = config
+    self.attention_impl = attention_impl
+    self.visual = VisionTower(config.vision, dtype=dtype, param_dtype=param_dtype, scan_layers=scan_layers,
+                              remat=remat, attention_impl=attention_impl, rngs=rngs)
+    self.embed_tokens = Embed(t.vocab_size, t.hidden_size, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+    self.decoder = TextDecoder(t, dtype=dtype, param_dtype=param_dtype, scan_layers=scan_layers, remat=remat, rngs=rngs)
+    self.lm_head = None if config.tie_word_embeddings else Linear(
+        t.hidden_size, t.vocab_size, axes=('embed', 'vocab'), hook='lm_head', use_bias=False,
+        dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+
+  def embed(self, inputs: ModelInputs) -> jax.Array:
+    """Token embeddings with the merged vision tokens placed at their placeholders."""
+    x = self.embed_tokens(inputs.input_ids)
+    if not inputs.has_vision:
+      return x
+    vision = self.visual(inputs).astype(x.dtype)  # (N/u, D), raster order
+    picked = gather_units(vision, inputs.vision_token_index.reshape(-1), 1).reshape(x.shape)
+    return jnp.where((inputs.vision_token_index >= 0)[..., None], picked, x)
+
+  def causal_attend(self, inputs: ModelInputs) -> Attend:
+    """Plain causal attention over valid tokens (stage 2, inference and the parity tests)."""
+    seg = inputs.token_valid.astype(jnp.int32)
+    return lambda layer, q, k, v: attention(q, k, v, q_segment_ids=seg, kv_segment_ids=seg,
+                                            causal=True, impl=self.attention_impl)
+
+  def hidden_states(self, inputs: ModelInputs, attend: Attend | None = None) -> jax.Array:
+    """Final-norm hidden states (B, L, D)."""
+    t = self.config.text
+    x = self.embed(inputs)
+    cos, sin = mrope_cos_sin(inputs.positions, t.head_dim, t.rope_theta, t.mrope_section)
+    return self.decoder(x, cos, sin, attend or self.causal_attend(inputs))
+
+  def logits(self, hidden: jax.Array) -> jax.Array:
+    """LM head on the given hidden states (gather the positions you need first)."""
+    out = self.embed_tokens.attend(hidden) if self.lm_head is None else self.lm_head(hidden)
+    return out.astype(jnp.float32)
+
+  def __call__(self, inputs: ModelInputs) -> jax.Array:
+    return self.logits(self.hidden_states(inputs))
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _forward_logits(graphdef, state, inputs):
+  return nnx.merge(graphdef, state)(inputs)
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _forward_vision(graphdef, state, inputs):
+  return nnx.merge(graphdef, state).visual(inputs)
+
+
+def forward(model: Qwen25VL, inputs: ModelInputs) -> jax.Array:
+  """Jitted full-vocabulary logits (B, L, V) fp32: for tests and inspection, not training."""
+  return _forward_logits(*nnx.split(model), inputs)
+
+
+def vision_features(model: Qwen25VL, inputs: ModelInputs) -> jax.Array:
+  """Jitted merged vision tokens (N/u, D) in raster order, as transformers' `pooler_output`."""
+  return _forward_vision(*nnx.split(model), inputs)
