@@ -45,9 +45,14 @@ def mixed_batch(seed: int = 0, second_per_grid_t: float = 0.5):
   n_img = int(np.prod(image_grids, axis=1).sum())
   n_vid = int(np.prod(video_grids, axis=1).sum())
   mm_types = np.where(ids == IMAGE, 1, np.where(ids == VIDEO, 2, 0))
+  pixels = rng.normal(size=(n_img, PATCH_DIM)).astype(np.float32)
+  # Image c is nearly flat at the CLIP mean (normalised ~0), as blank regions of real photos are:
+  # its activations are small enough that the vision norms' eps (1e-6) matters.
+  c_start = int(np.prod(img_a)) + int(np.prod(img_b))
+  pixels[c_start:c_start + int(np.prod(img_c))] *= 1e-3
   return dict(
       input_ids=ids, attention_mask=mask,
-      pixel_values=rng.normal(size=(n_img, PATCH_DIM)).astype(np.float32),
+      pixel_values=pixels,
       image_grid_thw=image_grids,
       pixel_values_videos=rng.normal(size=(n_vid, PATCH_DIM)).astype(np.float32),
       video_grid_thw=video_grids,

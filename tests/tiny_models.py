@@ -41,17 +41,21 @@ def hf_config(name: str) -> Qwen2_5_VLConfig:
 
 
 def torch_model(name: str, seed: int = 0) -> Qwen2_5_VLForConditionalGeneration:
-  """A random model in fp32 whose norms and biases are random too, so no weight hides."""
+  """A random fp32 model at realistic activation scales (unit-variance projections), with random
+  norms and biases, so that details such as the merger's exact GELU move the outputs."""
   torch.manual_seed(seed)
   model = Qwen2_5_VLForConditionalGeneration(hf_config(name)).eval().float()
   model.config._attn_implementation = 'eager'
   with torch.no_grad():
     for pname, p in model.named_parameters():
-      if pname.endswith('norm1.weight') or pname.endswith('norm2.weight') or 'layernorm' in pname \
-          or pname.endswith('norm.weight') or pname.endswith('ln_q.weight'):
+      if p.ndim == 1 and 'norm' in pname.split('.')[-2] or pname.endswith('ln_q.weight'):
         p.copy_(1.0 + 0.1 * torch.randn_like(p))
-      else:
-        p.copy_(0.05 * torch.randn_like(p))
+      elif p.ndim == 1:  # biases
+        p.copy_(0.1 * torch.randn_like(p))
+      elif 'embed_tokens' in pname:  # also the tied head: keep logits O(1)
+        p.copy_(0.1 * torch.randn_like(p))
+      else:  # (out, in, ...) weights: unit gain
+        p.copy_(torch.randn_like(p) / np.sqrt(p[0].numel()))
   return model
 
 

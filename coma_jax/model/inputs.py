@@ -102,17 +102,23 @@ def build_model_inputs(cfg: ModelConfig, input_ids, attention_mask=None, *,
   if not grids:
     return ModelInputs(**text)
 
-  patches = [np.asarray(p, np.float32) for p in (pixel_values, pixel_values_videos) if p is not None]
-  patches = np.concatenate(patches, axis=0)
-  expected = sum(t * h * w for t, h, w in grids)
+  patches = np.concatenate([np.asarray(p, np.float32) for p in (pixel_values, pixel_values_videos)
+                            if p is not None], axis=0)
+  return ModelInputs(**text, **vision_arrays(cfg, patches, grids, patch_budget=patch_budget,
+                                              rows=vision_rows, row_len=vision_row_len))
+
+
+def vision_arrays(cfg: ModelConfig, patches: np.ndarray, grids: Sequence[Sequence[int]], *,
+                  patch_budget: int | None = None, rows: int | None = None,
+                  row_len: int | None = None) -> dict[str, np.ndarray]:
+  """The vision fields of `ModelInputs` for raster patches of items with the given grids."""
+  expected = sum(int(t) * int(h) * int(w) for t, h, w in grids)
   if patches.shape != (expected, cfg.vision.patch_dim):
     raise ValueError(f'pixel values have shape {patches.shape}, but the grids need '
                      f'({expected}, {cfg.vision.patch_dim})')
-  layout = build_vision_layout(grids, cfg.vision, patch_budget=patch_budget, rows=vision_rows,
-                               row_len=vision_row_len)
+  layout = build_vision_layout(grids, cfg.vision, patch_budget=patch_budget, rows=rows, row_len=row_len)
   padded = np.zeros((layout.rope_ids.shape[0], patches.shape[1]), np.float32)
   padded[:expected] = patches
-  return ModelInputs(**text, pixel_patches=padded, vision_rope_ids=layout.rope_ids,
-                     window_index=layout.window_index, window_inverse=layout.window_inverse,
-                     window_segment_ids=layout.window_segment_ids,
-                     full_segment_ids=layout.full_segment_ids)
+  return dict(pixel_patches=padded, vision_rope_ids=layout.rope_ids, window_index=layout.window_index,
+              window_inverse=layout.window_inverse, window_segment_ids=layout.window_segment_ids,
+              full_segment_ids=layout.full_segment_ids)

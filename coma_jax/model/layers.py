@@ -97,3 +97,8 @@ class SwiGLU(nnx.Module):
 
   def __call__(self, x: jax.Array) -> jax.Array:
     return self.down_proj(activation(self.act)(self.gate_proj(x)) * self.up_proj(x))
+
+
+def iter_hooks(model: nnx.Module):
+  """(path, Linear) for every adapter hook point in the model, in a stable order."""
+  return [(path, m) for path, m in model.iter_modules() if isinstance(m, Linear)]
