@@ -5,7 +5,7 @@ import torch
 
 from coma_jax.hf import hf_style_forward
 from coma_jax.model import build_model_inputs, forward, vision_features
-from coma_jax.model.inputs import vision_arrays
+from coma_jax.model.inputs import grouped_vision_arrays
 from coma_jax.model.vision_layout import slots_needed
 from tests.parity_batch import mixed_batch
 from tests.tiny_models import TINY_CONFIGS, jax_twin, torch_model
@@ -39,8 +39,8 @@ def test_vision_tower_pooler_output(pair, batch):
   with torch.no_grad():
     ref = tm.model.visual(torch.as_tensor(pixels), grid_thw=torch.as_tensor(grids)).pooler_output.numpy()
   text = build_model_inputs(jm.config, np.zeros((1, 1)))
-  inputs = text.replace(**vision_arrays(jm.config, pixels, grids))
-  ours = np.asarray(vision_features(jm, inputs))
+  inputs = text.replace(**grouped_vision_arrays(jm.config, [(pixels, grids)]))
+  ours = np.asarray(vision_features(jm, inputs))[0]
   assert ours.shape == ref.shape
   assert np.abs(ours - ref).max() <= TOL, np.abs(ours - ref).max()
 
@@ -60,12 +60,12 @@ def test_padding_to_static_budgets_changes_nothing(pair, batch, torch_logits):
   kw = {k: batch[k] for k in ('pixel_values', 'image_grid_thw', 'pixel_values_videos',
                               'video_grid_thw', 'second_per_grid_ts')}
   tight = build_model_inputs(jm.config, batch['input_ids'], batch['attention_mask'], **kw)
-  rows, row_len = tight.window_segment_ids.shape
+  _, rows, row_len = tight.window_segment_ids.shape
   padded = build_model_inputs(jm.config, batch['input_ids'], batch['attention_mask'], **kw,
                               seq_len=batch['input_ids'].shape[1] + 13,
-                              patch_budget=tight.pixel_patches.shape[0] + 64,
+                              patch_budget=tight.pixel_patches.shape[1] + 64,
                               vision_rows=3, vision_row_len=row_len)
-  assert padded.window_segment_ids.shape == (3, row_len)
+  assert padded.window_segment_ids.shape == (1, 3, row_len)
   ours = np.asarray(forward(jm, padded))[:, :batch['input_ids'].shape[1]]
   valid = batch['attention_mask'].astype(bool)
   assert np.abs(ours[valid] - torch_logits[valid]).max() <= TOL
@@ -79,7 +79,7 @@ def test_frames_split_over_several_vision_rows(pair, batch, torch_logits):
   grids = np.concatenate([batch['image_grid_thw'], batch['video_grid_thw']])
   inputs = build_model_inputs(jm.config, batch['input_ids'], batch['attention_mask'], **kw,
                               vision_row_len=max(slots_needed(grids, jm.config.vision)))
-  assert inputs.window_segment_ids.shape[0] > 1
+  assert inputs.window_segment_ids.shape[1] > 1
   ours = np.asarray(forward(jm, inputs))
   valid = batch['attention_mask'].astype(bool)
   assert np.abs(ours[valid] - torch_logits[valid]).max() <= TOL
@@ -101,7 +101,7 @@ def test_the_parity_check_sees_the_hidden_details(pair, batch):
   pixels = np.concatenate([batch['pixel_values'], batch['pixel_values_videos']])
   grids = np.concatenate([batch['image_grid_thw'], batch['video_grid_thw']])
   ours = np.asarray(vision_features(jm, build_model_inputs(jm.config, np.zeros((1, 1))).replace(
-      **vision_arrays(jm.config, pixels, grids))))
+      **grouped_vision_arrays(jm.config, [(pixels, grids)]))))[0]
   visual = tm.model.visual
 
   def torch_pooler():
@@ -123,3 +123,20 @@ def test_the_parity_check_sees_the_hidden_details(pair, batch):
     for m in norms:
       m.variance_epsilon = 1e-6
   assert np.abs(torch_pooler() - ours).max() <= TOL
+
+
+@pytest.mark.parametrize('groups', [3, 6])
+def test_vision_groups_give_the_same_logits(pair, batch, torch_logits, groups):
+  """Rows split into groups with their own vision arrays (what shards with the batch). Groups
+  differ in content; with 6 groups, the text-only rows make groups with no vision at all."""
+  _, jm = pair
+  kw = {k: batch[k] for k in ('pixel_values', 'image_grid_thw', 'pixel_values_videos',
+                              'video_grid_thw', 'second_per_grid_ts')}
+  ids, mask = batch['input_ids'], batch['attention_mask']
+  # Six rows (a copy of the text-only row added), so that the groups divide the batch.
+  ids6, mask6 = np.concatenate([ids, ids[3:4]]), np.concatenate([mask, mask[3:4]])
+  grouped = build_model_inputs(jm.config, ids6, mask6, **kw, vision_groups=groups)
+  assert grouped.pixel_patches.shape[0] == groups
+  ours = np.asarray(forward(jm, grouped))[:5]
+  valid = mask.astype(bool)
+  assert np.abs(ours[valid] - torch_logits[valid]).max() <= TOL

@@ -13,20 +13,22 @@ from flax import struct
 
 from coma_jax.model.config import ModelConfig
 from coma_jax.model.rope_index import get_rope_index
-from coma_jax.model.vision_layout import build_vision_layout
+from coma_jax.model.vision_layout import build_vision_layout, slots_needed
 
 
 @struct.dataclass
 class ModelInputs:
-  """One batch. B rows of L tokens; N raster patches (the patch budget); R vision rows of S slots.
+  """One batch. B rows of L tokens. The rows form G equal vision groups (row b is in group
+  b // (B/G)); each group has N raster patches (the patch budget) laid out in R rows of S slots.
 
   Text:
     input_ids (B, L) int32; token_valid (B, L) bool; positions (3, B, L) int32 M-RoPE (t, h, w);
-    vision_token_index (B, L) int32: which raster merged vision token fills the position, -1 = text.
+    vision_token_index (B, L) int32: which merged vision token of the row's group (raster
+    order) fills the position, -1 = text.
   Vision (all None for a text-only batch):
-    pixel_patches (N, C*T*P*P) float, raster order; vision_rope_ids (N, 2) int32 (h, w);
-    window_index (R, S/u) int32 and window_inverse (N/u,) int32 (u = merge^2, -1 = empty);
-    window_segment_ids, full_segment_ids (R, S) int32 (0 = empty slot).
+    pixel_patches (G, N, C*T*P*P) float, raster order; vision_rope_ids (G, N, 2) int32 (h, w);
+    window_index (G, R, S/u) and window_inverse (G, N/u) int32 (u = merge^2, -1 = empty);
+    window_segment_ids, full_segment_ids (G, R, S) int32 (0 = empty slot).
   """
   input_ids: jax.Array
   token_valid: jax.Array
@@ -59,20 +61,38 @@ def vision_token_index(input_ids: np.ndarray, valid: np.ndarray, *, image_token_
   return index
 
 
+def _rows_of_items(input_ids, valid, token, grids, u) -> list[int]:
+  """The batch row of each item (in order), from the placeholder counts per row."""
+  per_row = ((input_ids == token) & valid).sum(axis=1)
+  rows, row, used = [], 0, 0
+  for t, h, w in grids:
+    while row < len(per_row) and used >= per_row[row]:
+      row, used = row + 1, 0
+    rows.append(row)
+    used += t * h * w // u
+  return rows
+
+
 def build_model_inputs(cfg: ModelConfig, input_ids, attention_mask=None, *,
                        pixel_values=None, image_grid_thw=None,
                        pixel_values_videos=None, video_grid_thw=None, second_per_grid_ts=None,
-                       seq_len: int | None = None, patch_budget: int | None = None,
-                       vision_rows: int | None = None, vision_row_len: int | None = None) -> ModelInputs:
+                       seq_len: int | None = None, vision_groups: int = 1,
+                       patch_budget: int | None = None, vision_rows: int | None = None,
+                       vision_row_len: int | None = None) -> ModelInputs:
   """Converts processor-style NumPy arrays into `ModelInputs`, padded to the given budgets.
 
-  `seq_len` right-pads the token axis; `patch_budget`, `vision_rows` and `vision_row_len` fix the
-  vision shapes. Left unset, each is the tightest fit for this batch.
+  `seq_len` right-pads the token axis. The batch rows split into `vision_groups` equal groups,
+  each with its own vision arrays of `patch_budget` patches in `vision_rows` rows of
+  `vision_row_len` slots (so the vision tower shards with the batch). Left unset, each budget
+  is the tightest common fit for this batch.
   """
   input_ids = np.asarray(input_ids, np.int64)
   valid = np.ones(input_ids.shape, bool) if attention_mask is None else np.asarray(attention_mask).astype(bool)
   if input_ids.ndim != 2 or valid.shape != input_ids.shape:
     raise ValueError(f'input_ids {input_ids.shape} and attention_mask {valid.shape} must both be (batch, length)')
+  batch, length = input_ids.shape
+  if vision_groups < 1 or batch % vision_groups:
+    raise ValueError(f'vision_groups {vision_groups} must divide the batch size {batch}')
   image_grids = [] if image_grid_thw is None else [tuple(g) for g in np.asarray(image_grid_thw).tolist()]
   video_grids = [] if video_grid_thw is None else [tuple(g) for g in np.asarray(video_grid_thw).tolist()]
   u = cfg.vision.merge_unit
@@ -82,12 +102,40 @@ def build_model_inputs(cfg: ModelConfig, input_ids, attention_mask=None, *,
       second_per_grid_ts=None if second_per_grid_ts is None else np.asarray(second_per_grid_ts).tolist(),
       image_token_id=cfg.image_token_id, video_token_id=cfg.video_token_id,
       spatial_merge_size=cfg.vision.spatial_merge_size, tokens_per_second=cfg.vision.tokens_per_second)
+  n_image_units = sum(t * h * w for t, h, w in image_grids) // u
   token_index = vision_token_index(
       input_ids, valid, image_token_id=cfg.image_token_id, video_token_id=cfg.video_token_id,
-      num_image_units=sum(t * h * w for t, h, w in image_grids) // u,
-      num_video_units=sum(t * h * w for t, h, w in video_grids) // u)
+      num_image_units=n_image_units, num_video_units=sum(t * h * w for t, h, w in video_grids) // u)
 
-  batch, length = input_ids.shape
+  grids = image_grids + video_grids
+  vision = {}
+  if grids:
+    patches = np.concatenate([np.asarray(p, np.float32) for p in (pixel_values, pixel_values_videos)
+                              if p is not None], axis=0)
+    expected = sum(t * h * w for t, h, w in grids)
+    if patches.shape != (expected, cfg.vision.patch_dim):
+      raise ValueError(f'pixel values have shape {patches.shape}, but the grids need '
+                       f'({expected}, {cfg.vision.patch_dim})')
+    # Regroup: each group's items (its images, then its videos) with group-local unit indices.
+    rows_per_group = batch // vision_groups
+    item_rows = (_rows_of_items(input_ids, valid, cfg.image_token_id, image_grids, u)
+                 + _rows_of_items(input_ids, valid, cfg.video_token_id, video_grids, u))
+    item_units, start = [], 0
+    for t, h, w in grids:
+      item_units.append(np.arange(start, start + t * h * w // u))
+      start += t * h * w // u
+    unit_local = np.full(start, -1, np.int64)
+    groups = []
+    for g in range(vision_groups):
+      items = [k for k, r in enumerate(item_rows) if r // rows_per_group == g]
+      units = np.concatenate([item_units[k] for k in items]) if items else np.zeros(0, np.int64)
+      unit_local[units] = np.arange(len(units))
+      group_patches = patches.reshape(-1, u, patches.shape[1])[units].reshape(-1, patches.shape[1])
+      groups.append((group_patches, [grids[k] for k in items]))
+    token_index = np.where(token_index >= 0, unit_local[np.maximum(token_index, 0)], -1).astype(np.int32)
+    vision = grouped_vision_arrays(cfg, groups, patch_budget=patch_budget, rows=vision_rows,
+                                   row_len=vision_row_len)
+
   if seq_len is not None:
     if seq_len < length:
       raise ValueError(f'seq_len {seq_len} is shorter than the batch length {length}')
@@ -96,16 +144,27 @@ def build_model_inputs(cfg: ModelConfig, input_ids, attention_mask=None, *,
     valid = np.pad(valid, ((0, 0), (0, pad)))
     positions = np.pad(positions, ((0, 0), (0, 0), (0, pad)))
     token_index = np.pad(token_index, ((0, 0), (0, pad)), constant_values=-1)
-  text = dict(input_ids=input_ids.astype(np.int32), token_valid=valid,
-              positions=positions.astype(np.int32), vision_token_index=token_index)
-  grids = image_grids + video_grids
-  if not grids:
-    return ModelInputs(**text)
+  return ModelInputs(input_ids=input_ids.astype(np.int32), token_valid=valid,
+                     positions=positions.astype(np.int32), vision_token_index=token_index, **vision)
 
-  patches = np.concatenate([np.asarray(p, np.float32) for p in (pixel_values, pixel_values_videos)
-                            if p is not None], axis=0)
-  return ModelInputs(**text, **vision_arrays(cfg, patches, grids, patch_budget=patch_budget,
-                                              rows=vision_rows, row_len=vision_row_len))
+
+def grouped_vision_arrays(cfg: ModelConfig, groups, *, patch_budget: int | None = None,
+                          rows: int | None = None, row_len: int | None = None) -> dict[str, np.ndarray]:
+  """The vision fields of `ModelInputs` (leading group axis) for [(raster patches, grids), ...].
+
+  Unset budgets take the tightest fit common to all groups.
+  """
+  vc, u = cfg.vision, cfg.vision.merge_unit
+  if patch_budget is None:
+    patch_budget = max(max(len(p) for p, _ in groups), u)
+  if row_len is None:
+    row_len = max([vc.window_patches] + [sum(slots_needed(grids, vc)) for _, grids in groups])
+  if rows is None:
+    rows = max(build_vision_layout(grids, vc, row_len=row_len, patch_budget=patch_budget).window_index.shape[0]
+               for _, grids in groups)
+  per_group = [vision_arrays(cfg, p, grids, patch_budget=patch_budget, rows=rows, row_len=row_len)
+               for p, grids in groups]
+  return {k: np.stack([a[k] for a in per_group]) for k in per_group[0]}
 
 
 def vision_arrays(cfg: ModelConfig, patches: np.ndarray, grids: Sequence[Sequence[int]], *,

@@ -37,8 +37,10 @@ class Qwen25VL(nnx.Module):
     x = self.embed_tokens(inputs.input_ids)
     if not inputs.has_vision:
       return x
-    vision = self.visual(inputs).astype(x.dtype)  # (N/u, D), raster order
-    picked = gather_units(vision, inputs.vision_token_index.reshape(-1), 1).reshape(x.shape)
+    vision = self.visual(inputs).astype(x.dtype)  # (G, N/u, D), raster order per group
+    groups = vision.shape[0]
+    index = inputs.vision_token_index.reshape(groups, -1)  # each group's rows, flattened
+    picked = jax.vmap(lambda v, i: gather_units(v, i, 1))(vision, index).reshape(x.shape)
     return jnp.where((inputs.vision_token_index >= 0)[..., None], picked, x)
 
   def causal_attend(self, inputs: ModelInputs) -> Attend:
@@ -79,5 +81,5 @@ def forward(model: Qwen25VL, inputs: ModelInputs) -> jax.Array:
 
 
 def vision_features(model: Qwen25VL, inputs: ModelInputs) -> jax.Array:
-  """Jitted merged vision tokens (N/u, D) in raster order, as transformers' `pooler_output`."""
+  """Jitted merged vision tokens (G, N/u, D) in raster order, as transformers' `pooler_output`."""
   return _forward_vision(*nnx.split(model), inputs)

@@ -95,13 +95,18 @@ class VisionTower(nnx.Module):
     self.merger = PatchMerger(cfg, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
 
   def __call__(self, inputs) -> jax.Array:
-    """Merged vision tokens (N/u, out_hidden) in raster order (transformers' `pooler_output`)."""
+    """Merged vision tokens (G, N/u, out_hidden) in raster order per group (transformers'
+    `pooler_output` for G = 1). Attention never crosses rows, so groups fold into rows."""
     cfg, u = self.cfg, self.cfg.merge_unit
+    groups, rows = inputs.window_index.shape[:2]
+    to_slots = jax.vmap(lambda a, index: gather_units(a, index, u))
     x = self.patch_embed(inputs.pixel_patches)
-    x = gather_units(x, inputs.window_index, u)  # (R, S, D) in window order
-    rope_ids = gather_units(inputs.vision_rope_ids, inputs.window_index, u)
-    cos, sin = vision_cos_sin(rope_ids, cfg.head_dim, cfg.rope_theta)
-    full_seg, window_seg = inputs.full_segment_ids, inputs.window_segment_ids
+    x = to_slots(x, inputs.window_index)  # (G, R, S, D) in window order
+    x = x.reshape(groups * rows, *x.shape[2:])
+    rope_ids = to_slots(inputs.vision_rope_ids, inputs.window_index)
+    cos, sin = vision_cos_sin(rope_ids.reshape(groups * rows, -1, 2), cfg.head_dim, cfg.rope_theta)
+    full_seg = inputs.full_segment_ids.reshape(groups * rows, -1)
+    window_seg = inputs.window_segment_ids.reshape(groups * rows, -1)
     impl, window = self.attention_impl, cfg.window_patches
 
     def body(block, x, is_full):
@@ -112,6 +117,6 @@ class VisionTower(nnx.Module):
 
     is_full = np.array([cfg.is_full_attention(i) for i in range(cfg.depth)])
     x = run_stack(self.blocks, x, body, per_layer=is_full, scan=self.scan_layers, remat=self.remat)
-    merged = self.merger(x)  # (R, S/u, out)
-    merged = merged.reshape(-1, merged.shape[-1])
-    return gather_units(merged, inputs.window_inverse, 1)
+    merged = self.merger(x)  # (G*R, S/u, out)
+    merged = merged.reshape(groups, -1, merged.shape[-1])
+    return jax.vmap(lambda m, index: gather_units(m, index, 1))(merged, inputs.window_inverse)
