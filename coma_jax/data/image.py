@@ -7,10 +7,15 @@ merge-unit-major order the vision tower expects (the still image is repeated ove
 from __future__ import annotations
 
 import dataclasses
+import io
 import math
+import os
+import warnings
 
 import numpy as np
-from PIL import Image
+from PIL import Image, UnidentifiedImageError
+
+from coma_jax.data.bad_records import BadRecord
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -23,6 +28,12 @@ class ImageSettings:
   patch_size: int = 14
   merge_size: int = 2
   temporal_patch_size: int = 2
+  max_source_pixels: int = 64 * 1024 * 1024  # larger is refused as a decompression bomb
+
+  def grid(self, height: int, width: int) -> tuple[int, int, int]:
+    """The (t, h, w) patch grid an image of this size becomes."""
+    h, w = smart_resize(height, width, self.factor, self.min_pixels, self.max_pixels)
+    return 1, h // self.patch_size, w // self.patch_size
 
   @property
   def factor(self) -> int:
@@ -58,9 +69,54 @@ def patchify(image_chw: np.ndarray, s: ImageSettings) -> np.ndarray:
 
 def preprocess_image(image: Image.Image, settings: ImageSettings = ImageSettings()) -> tuple[np.ndarray, tuple[int, int, int]]:
   """PIL image -> (pixel patches (N, C*T*P*P) float32, grid (1, grid_h, grid_w))."""
-  image = image.convert('RGB')
+  image = to_rgb(image)
   h, w = smart_resize(image.height, image.width, settings.factor, settings.min_pixels, settings.max_pixels)
   resized = np.asarray(image.resize((w, h), Image.Resampling.BICUBIC), np.float32) / 255.0
   normalized = (resized - np.asarray(CLIP_MEAN, np.float32)) / np.asarray(CLIP_STD, np.float32)
   patches = patchify(normalized.transpose(2, 0, 1), settings)
   return patches.astype(np.float32), (1, h // settings.patch_size, w // settings.patch_size)
+
+
+def to_rgb(image: Image.Image) -> Image.Image:
+  """Any PIL mode to RGB; transparency is composited on white (as transformers does)."""
+  if image.mode == 'RGB':
+    return image
+  if image.mode in ('RGBA', 'LA') or (image.mode == 'P' and 'transparency' in image.info):
+    rgba = image.convert('RGBA')
+    canvas = Image.new('RGBA', rgba.size, (255, 255, 255, 255))
+    canvas.alpha_composite(rgba)
+    return canvas.convert('RGB')
+  return image.convert('RGB')  # L, P, CMYK, I;16, YCbCr, ...
+
+
+def decode_image(source: bytes | str, record_id: str, settings: ImageSettings = ImageSettings()) -> Image.Image:
+  """Bytes or a file path -> a fully decoded RGB image, or a BadRecord naming the record.
+
+  Refused: a missing file, an empty file, a corrupt or truncated image, a zero-size image, and
+  an image of more than `max_source_pixels` (checked from the header, before decoding).
+  """
+  if isinstance(source, str):
+    if not os.path.isfile(source):
+      raise BadRecord(record_id, 'missing image file', source)
+    with open(source, 'rb') as f:
+      source = f.read()
+  if len(source) == 0:
+    raise BadRecord(record_id, 'empty image file')
+  try:
+    with warnings.catch_warnings():
+      warnings.simplefilter('error', Image.DecompressionBombWarning)
+      image = Image.open(io.BytesIO(source))
+      width, height = image.size
+      if width * height > settings.max_source_pixels:
+        raise BadRecord(record_id, 'decompression bomb',
+                        f'{width}x{height} px > max_source_pixels {settings.max_source_pixels}')
+      if width == 0 or height == 0:
+        raise BadRecord(record_id, 'zero-size image', f'{width}x{height}')
+      image.load()
+  except BadRecord:
+    raise
+  except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
+    raise BadRecord(record_id, 'decompression bomb', str(e)) from None
+  except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
+    raise BadRecord(record_id, 'corrupt image', f'{type(e).__name__}: {e}') from None
+  return to_rgb(image)

@@ -1,0 +1,140 @@
+"""Static-shape batches: buckets, padding, the model's input contract and the loss-side arrays.
+
+A bucket fixes every shape of a batch: the text length, the vision slots of each vision group
+(one row of `vision_slots` slots per group, which is also its patch budget) and the label slots
+per row. A batch takes the smallest bucket that fits all of its examples, so the number of
+distinct batch shapes is at most the number of buckets.
+"""
+from __future__ import annotations
+
+import collections
+import dataclasses
+from typing import Sequence
+
+import numpy as np
+
+from coma_jax.data.sequences import IGNORE, ROLE_COMPRESSION, ROLE_PAD, Example
+from coma_jax.model.config import ModelConfig
+from coma_jax.model.inputs import ModelInputs, build_model_inputs, grouped_vision_arrays
+from coma_jax.model.vision_layout import slots_needed
+
+
+@dataclasses.dataclass(frozen=True, order=True)
+class Bucket:
+  seq_len: int
+  vision_slots: int   # per vision group: slots of its one vision row, and its patch budget
+  label_slots: int = 0  # per row: supervised positions (stage 1); 0 for stage 2
+
+
+def parse_buckets(spec: Sequence) -> tuple[Bucket, ...]:
+  buckets = tuple(sorted(b if isinstance(b, Bucket) else Bucket(*b) for b in spec))
+  if not buckets:
+    raise ValueError('at least one bucket is needed')
+  return buckets
+
+
+def example_slots(grids, cfg: ModelConfig) -> int:
+  return sum(slots_needed(grids, cfg.vision))
+
+
+@dataclasses.dataclass(frozen=True)
+class Needs:
+  """What a set of rows needs; combined across processes with an element-wise max."""
+  seq_len: int
+  vision_slots: int
+  label_slots: int
+
+  def as_array(self) -> np.ndarray:
+    return np.array([self.seq_len, self.vision_slots, self.label_slots], np.int64)
+
+
+def needs_of(examples: Sequence[Example | None], cfg: ModelConfig, examples_per_group: int) -> Needs:
+  real = [e for e in examples if e is not None]
+  groups = [examples[i:i + examples_per_group] for i in range(0, len(examples), examples_per_group)]
+  slots = max([example_slots([g for e in grp if e is not None for g in e.grids], cfg) for grp in groups] + [0])
+  return Needs(seq_len=max([len(e.tokens) for e in real] + [1]), vision_slots=slots,
+               label_slots=max([e.num_labels for e in real] + [0]))
+
+
+def pick_bucket(buckets: Sequence[Bucket], needs: Needs) -> Bucket:
+  for b in buckets:
+    if b.seq_len >= needs.seq_len and b.vision_slots >= needs.vision_slots and b.label_slots >= needs.label_slots:
+      return b
+  raise ValueError(f'no bucket fits {needs}; buckets: {list(buckets)} (the largest bucket must hold '
+                   f'the largest example times examples_per_group)')
+
+
+def collate(examples: Sequence[Example | None], cfg: ModelConfig, bucket: Bucket,
+            examples_per_group: int, num_compression_tokens: int) -> dict:
+  """Pads examples (None = a skipped bad record: an all-padding row) into one static batch.
+
+  Returns numpy arrays: 'inputs' (ModelInputs), 'roles', 'labels' (HF style, IGNORE = -100),
+  'label_positions' / 'label_targets' (B, label_slots): the positions whose logits predict a
+  supervised token and that token (-1 = padding), 'compression_positions' (B, K),
+  'example_valid' (B,), plus 'stats' (padding waste, truncation cuts).
+  """
+  b, length, k = len(examples), bucket.seq_len, num_compression_tokens
+  if b % examples_per_group:
+    raise ValueError(f'{b} examples do not split into groups of {examples_per_group}')
+  ids = np.zeros((b, length), np.int64)
+  mask = np.zeros((b, length), bool)
+  roles = np.full((b, length), ROLE_PAD, np.int8)
+  labels = np.full((b, length), IGNORE, np.int32)
+  label_positions = np.full((b, bucket.label_slots), -1, np.int32)
+  label_targets = np.full((b, bucket.label_slots), -1, np.int32)
+  compression = np.zeros((b, k), np.int32)
+  valid = np.zeros(b, bool)
+  patches, grids = [], []
+  cuts = collections.Counter()
+  for row, ex in enumerate(examples):
+    if ex is None:
+      continue
+    n = len(ex.tokens)
+    if n > length:
+      raise ValueError(f'example {ex.id!r} has {n} tokens, more than the bucket length {length}')
+    ids[row, :n], mask[row, :n], roles[row, :n], labels[row, :n] = ex.tokens, True, ex.roles, ex.labels
+    supervised = np.flatnonzero(ex.labels != IGNORE)
+    supervised = supervised[supervised > 0]  # token 0 has no preceding position to predict it
+    if len(supervised) > bucket.label_slots and bucket.label_slots:
+      raise ValueError(f'example {ex.id!r} has {len(supervised)} labels, more than {bucket.label_slots}')
+    if bucket.label_slots:
+      label_positions[row, :len(supervised)] = supervised - 1
+      label_targets[row, :len(supervised)] = ex.tokens[supervised]
+    positions = np.flatnonzero(ex.roles == ROLE_COMPRESSION)
+    if len(positions) != k:
+      raise ValueError(f'example {ex.id!r} has {len(positions)} compression tokens, expected {k}')
+    compression[row] = positions
+    valid[row] = True
+    patches.append(ex.patches)
+    grids += ex.grids
+    cuts.update(ex.cuts)
+
+  groups = b // examples_per_group
+  kw = dict(seq_len=length, vision_groups=groups, patch_budget=bucket.vision_slots, vision_rows=1,
+            vision_row_len=bucket.vision_slots)
+  if grids:
+    inputs = build_model_inputs(cfg, ids, mask, pixel_values=np.concatenate(patches),
+                                image_grid_thw=np.array(grids), **kw)
+  else:  # a batch without images keeps the vision arrays, empty, so its shapes stay the bucket's
+    inputs = build_model_inputs(cfg, ids, mask, seq_len=length)
+    if bucket.vision_slots:
+      empty = (np.zeros((0, cfg.vision.patch_dim), np.float32), [])
+      inputs = inputs.replace(**grouped_vision_arrays(cfg, [empty] * groups, patch_budget=bucket.vision_slots,
+                                                      rows=1, row_len=bucket.vision_slots))
+  real_patches = sum(len(p) for p in patches)
+  stats = {
+      'examples': int(valid.sum()),
+      'token_padding_waste': 1.0 - mask.sum() / mask.size,
+      'vision_padding_waste': (1.0 - real_patches / (groups * bucket.vision_slots)) if bucket.vision_slots else 0.0,
+      'cuts': dict(cuts),
+  }
+  return {'inputs': inputs, 'roles': roles, 'labels': labels, 'label_positions': label_positions,
+          'label_targets': label_targets, 'compression_positions': compression, 'example_valid': valid,
+          'stats': stats}
+
+
+def check_static(inputs: ModelInputs) -> None:
+  """Guards the contract: every field is a NumPy array (no ragged Python data into jit)."""
+  for name, value in vars(inputs).items():
+    if value is not None and not isinstance(value, np.ndarray):
+      raise TypeError(f'ModelInputs.{name} is {type(value).__name__}, not a NumPy array')

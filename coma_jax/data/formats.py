@@ -1,0 +1,190 @@
+"""Record formats: stage-1 compression QA (LLaVA-instruct JSONL), MMEB-train pairs, MMEB-eval.
+
+Parsers take one raw record (a dict) and return a typed record or raise `BadRecord` naming it.
+Images are references here (a path, or bytes once inside a TFDS dataset); decoding happens later.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from typing import Iterator
+
+from coma_jax.data.bad_records import BadRecord
+
+IMAGE_TAG = '<image>'  # LLaVA's placeholder in the first human turn
+MMEB_IMAGE_TAG = '<|image_1|>'  # MMEB's placeholder
+HUMAN_ROLES, GPT_ROLES = ('human', 'user'), ('gpt', 'assistant')
+
+ImageRef = bytes | str
+
+
+@dataclasses.dataclass(frozen=True)
+class Stage1Record:
+  id: str
+  images: tuple[ImageRef, ...]
+  turns: tuple[tuple[str, str], ...]  # (question, answer) pairs, <image> tags removed
+  input_text: str = ''  # optional text that goes with the image(s), in the prefix
+
+
+@dataclasses.dataclass(frozen=True)
+class Side:
+  """One side of a stage-2 pair (query, positive or negative): text and an optional image."""
+  text: str
+  image: ImageRef | None = None
+
+
+@dataclasses.dataclass(frozen=True)
+class Stage2Record:
+  id: str
+  subset: str
+  query: Side
+  positive: Side
+  negative: Side | None = None
+
+
+@dataclasses.dataclass(frozen=True)
+class EvalRecord:
+  id: str
+  dataset: str
+  query: Side
+  candidates: tuple[Side, ...]  # index 0 is the positive
+
+
+def _text(value, record_id: str, field: str) -> str:
+  if value is None:
+    return ''
+  if isinstance(value, bytes):
+    try:
+      return value.decode('utf-8')
+    except UnicodeDecodeError as e:
+      raise BadRecord(record_id, 'non-UTF-8 text', f'field {field}: {e}') from None
+  if not isinstance(value, str):
+    raise BadRecord(record_id, 'malformed record', f'field {field} is {type(value).__name__}, not text')
+  try:
+    value.encode('utf-8')  # lone surrogates (undecodable bytes smuggled into str) fail here
+  except UnicodeEncodeError as e:
+    raise BadRecord(record_id, 'non-UTF-8 text', f'field {field}: {e}') from None
+  return value
+
+
+def _image_path(value, image_root: str | None) -> str:
+  return value if image_root is None or os.path.isabs(value) else os.path.join(image_root, value)
+
+
+def parse_llava(obj: dict, image_root: str | None = None, record_id: str | None = None) -> Stage1Record:
+  """`{id, image | images, conversations: [{from, value}]}`; `<image>` tags in the first human turn."""
+  rid = str(obj.get('id', record_id))
+  images = obj.get('images', obj.get('image'))
+  images = [] if images in (None, '') else [images] if isinstance(images, (str, bytes)) else list(images)
+  images = [_image_path(_text(i, rid, 'image'), image_root) if not isinstance(i, bytes) else i for i in images]
+  conv = obj.get('conversations')
+  if not conv:
+    raise BadRecord(rid, 'no conversation')
+  if not isinstance(conv, list) or not all(isinstance(t, dict) for t in conv):
+    raise BadRecord(rid, 'malformed record', 'conversations is not a list of {from, value}')
+  roles = [str(t.get('from', '')).lower() for t in conv]
+  values = [_text(t.get('value'), rid, 'conversations.value') for t in conv]
+  if roles[0] not in HUMAN_ROLES:
+    raise BadRecord(rid, 'malformed record', f'the first turn is from {roles[0]!r}, not human')
+  tags = values[0].count(IMAGE_TAG)
+  if tags != len(images) or any(IMAGE_TAG in v for v in values[1:]):
+    raise BadRecord(rid, 'image count mismatch',
+                    f'{tags} <image> tags in the first human turn for {len(images)} images'
+                    + ('; tags in later turns' if any(IMAGE_TAG in v for v in values[1:]) else ''))
+  values[0] = values[0].replace(IMAGE_TAG + '\n', '').replace('\n' + IMAGE_TAG, '').replace(IMAGE_TAG, '').strip()
+  turns = []
+  for i in range(0, len(conv) - 1, 2):
+    if roles[i] not in HUMAN_ROLES or roles[i + 1] not in GPT_ROLES:
+      raise BadRecord(rid, 'malformed record', f'turns {i}, {i + 1} are {roles[i]!r}, {roles[i + 1]!r}: '
+                      'expected human then gpt')
+    turns.append((values[i], values[i + 1]))
+  if not turns:
+    raise BadRecord(rid, 'no conversation', 'no complete human/gpt turn')
+  return Stage1Record(id=rid, images=tuple(images), turns=tuple(turns),
+                      input_text=_text(obj.get('input_text'), rid, 'input_text'))
+
+
+def convert_qa_generation(obj: dict, index: int) -> dict:
+  """The authors' QA-generation output `{image, message: [{from, content}]}` -> LLaVA JSONL."""
+  image = obj.get('image')
+  messages = obj.get('message') or []
+  conversations = []
+  for m in messages:
+    role = str(m.get('from', '')).lower()
+    if role == 'system':
+      continue
+    conversations.append({'from': 'human' if role in HUMAN_ROLES else 'gpt' if role in GPT_ROLES else role,
+                          'value': m.get('content', '')})
+  if conversations and image and IMAGE_TAG not in conversations[0]['value']:
+    conversations[0]['value'] = f"{IMAGE_TAG}\n{conversations[0]['value']}"
+  stem = os.path.splitext(os.path.basename(image))[0] if isinstance(image, str) and image else 'noimage'
+  return {'id': obj.get('id', f'{stem}_{index}'), 'image': image, 'conversations': conversations}
+
+
+def _side(row: dict, text_key: str, image_key: str, rid: str, image_root: str | None) -> Side:
+  text = _text(row.get(text_key), rid, text_key)
+  image = row.get(image_key)
+  if isinstance(image, bytes):
+    return Side(text, image)
+  image = _text(image, rid, image_key) or None
+  return Side(text, None if image is None else _image_path(image, image_root))
+
+
+def parse_mmeb_train(row: dict, subset: str, index: int, image_root: str | None = None) -> Stage2Record:
+  """`qry, qry_image_path, pos_text, pos_image_path` and optional `neg_text, neg_image_path`."""
+  rid = str(row.get('id', f'{subset}/{index}'))
+  query = _side(row, 'qry', 'qry_image_path', rid, image_root)
+  positive = _side(row, 'pos_text', 'pos_image_path', rid, image_root)
+  negative = None
+  if row.get('neg_text') or row.get('neg_image_path'):
+    negative = _side(row, 'neg_text', 'neg_image_path', rid, image_root)
+  for name, side in (('query', query), ('positive', positive), ('negative', negative)):
+    if side is not None and not side.text and side.image is None:
+      raise BadRecord(rid, 'malformed record', f'the {name} has neither text nor image')
+  return Stage2Record(id=rid, subset=subset, query=query, positive=positive, negative=negative)
+
+
+def parse_mmeb_eval(row: dict, dataset: str, index: int, image_root: str | None = None) -> EvalRecord:
+  """`qry_text, qry_img_path, tgt_text[], tgt_img_path[]`; candidate 0 is the positive."""
+  rid = f'{dataset}/{index}'
+  query = _side(row, 'qry_text', 'qry_img_path', rid, image_root)
+  texts, paths = list(row.get('tgt_text') or []), list(row.get('tgt_img_path') or [])
+  if not texts and not paths:
+    raise BadRecord(rid, 'malformed record', 'no candidates')
+  n = max(len(texts), len(paths))
+  texts += [''] * (n - len(texts))
+  paths += [''] * (n - len(paths))
+  candidates = tuple(_side({'t': t, 'p': p}, 't', 'p', rid, image_root) for t, p in zip(texts, paths))
+  return EvalRecord(id=rid, dataset=dataset, query=query, candidates=candidates)
+
+
+def read_jsonl(path: str) -> Iterator[tuple[str, dict | BadRecord]]:
+  """(record id, raw dict) per line; an undecodable or non-JSON line yields a BadRecord."""
+  with open(path, 'rb') as f:
+    for line_no, raw in enumerate(f, start=1):
+      if not raw.strip():
+        continue
+      rid = f'{os.path.basename(path)}:{line_no}'
+      try:
+        obj = json.loads(raw.decode('utf-8'))
+      except UnicodeDecodeError as e:
+        yield rid, BadRecord(rid, 'non-UTF-8 text', str(e))
+        continue
+      except json.JSONDecodeError as e:
+        yield rid, BadRecord(rid, 'malformed record', f'not JSON: {e}')
+        continue
+      if not isinstance(obj, dict):
+        yield rid, BadRecord(rid, 'malformed record', 'a line is not a JSON object')
+        continue
+      yield str(obj.get('id', rid)), obj
+
+
+def read_rows(path: str) -> Iterator[tuple[str, dict | BadRecord]]:
+  """Rows of a local parquet file (needs pyarrow) or JSONL file, with ids."""
+  if path.endswith('.parquet'):
+    import pyarrow.parquet as pq
+    for i, row in enumerate(pq.read_table(path).to_pylist()):
+      yield f'{os.path.basename(path)}:{i}', row
+  else:
+    yield from read_jsonl(path)

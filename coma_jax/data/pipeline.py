@@ -1,0 +1,165 @@
+"""The input pipeline: global sampler -> this process's records -> examples (grain workers) ->
+bucketed static batches -> global jax.Arrays.
+
+Workers (grain `mp_prefetch`) read, decode, preprocess and tokenize the examples of a step.
+The main process agrees with the other processes on the bucket (an element-wise max of what
+each needs), pads into the static batch, and assembles global arrays with
+`jax.make_array_from_process_local_data`. The state is the next step: see `sampler.py`.
+"""
+from __future__ import annotations
+
+import dataclasses
+import logging
+import time
+from typing import Any, Callable, Iterator, Sequence
+
+import grain
+import jax
+import numpy as np
+
+from coma_jax.data.bad_records import BadRecord, BadRecordLog
+from coma_jax.data.batching import Bucket, Needs, collate, needs_of, pick_bucket
+from coma_jax.data.sampler import process_slice
+from coma_jax.model.config import ModelConfig
+
+log = logging.getLogger('coma_jax.data')
+
+
+class ConcatSource:
+  """Random access over several sources (e.g. one per MMEB subset) by global id."""
+
+  def __init__(self, sources: Sequence):
+    self.sources = list(sources)
+    self.offsets = np.concatenate([[0], np.cumsum([len(s) for s in self.sources])])
+
+  def __len__(self) -> int:
+    return int(self.offsets[-1])
+
+  def __getitem__(self, global_id: int):
+    s = int(np.searchsorted(self.offsets, global_id, side='right') - 1)
+    return self.sources[s][int(global_id - self.offsets[s])]
+
+
+@dataclasses.dataclass
+class StepReader:
+  """Runs in a worker: the examples of this process's slice of one global step.
+
+  `make_example(raw_record, global_id)` returns an Example (or a dict of them, one per side) or
+  raises BadRecord, which becomes an all-padding row under the 'skip' policy.
+  """
+  source: Any
+  sampler: Any
+  make_example: Callable
+  process_index: int
+  process_count: int
+  on_bad_record: str = 'skip'
+
+  def __call__(self, step: int) -> dict:
+    bad = BadRecordLog(self.on_bad_record)
+    examples = []
+    for gid in process_slice(self.sampler.batch_ids(step), self.process_index, self.process_count):
+      try:
+        examples.append(self.make_example(self.source[int(gid)], int(gid)))
+      except BadRecord as e:
+        bad.handle(e)
+        examples.append(None)
+    return {'step': step, 'examples': examples, 'bad': bad}
+
+
+def global_max(values: np.ndarray) -> np.ndarray:
+  """Element-wise max over processes (identity with one process)."""
+  if jax.process_count() == 1:
+    return values
+  from jax.experimental import multihost_utils
+  return np.asarray(multihost_utils.process_allgather(values)).max(axis=0)
+
+
+@dataclasses.dataclass
+class BatchSpec:
+  """How examples become batches: per side (stage 1: one side 'inputs'; stage 2: query, ...)."""
+  model_config: ModelConfig
+  buckets: Sequence[Bucket]
+  examples_per_group: int
+  num_compression_tokens: int
+  sides: Sequence[str] | None = None  # None: examples are single Examples
+
+
+class GlobalBatchIterator:
+  """Yields (step, batch) with numpy leaves; `state()` is {'step': next step} to checkpoint."""
+
+  def __init__(self, reader: StepReader, spec: BatchSpec, *, start_step: int = 0, num_steps: int,
+               num_workers: int = 0, prefetch: int = 2, log_every: int = 100):
+    self.reader, self.spec, self.next_step = reader, spec, start_step
+    self.bad = BadRecordLog(reader.on_bad_record)
+    self.log_every = log_every
+    dataset = grain.MapDataset.range(start_step, num_steps).map(reader).to_iter_dataset(
+        grain.ReadOptions(num_threads=0, prefetch_buffer_size=prefetch))
+    if num_workers > 0:
+      _mark_flags_parsed()
+      dataset = dataset.mp_prefetch(grain.MultiprocessingOptions(num_workers=num_workers,
+                                                                 per_worker_buffer_size=prefetch))
+    self._it = iter(dataset)
+    self._start_time, self._examples = time.perf_counter(), 0
+
+  def state(self) -> dict:
+    return {'step': self.next_step}
+
+  def __iter__(self) -> Iterator[tuple[int, dict]]:
+    return self
+
+  def _collate_side(self, examples) -> dict:
+    spec = self.spec
+    needs = needs_of(examples, spec.model_config, spec.examples_per_group)
+    agreed = Needs(*global_max(needs.as_array()).tolist())
+    bucket = pick_bucket(spec.buckets, agreed)
+    out = collate(examples, spec.model_config, bucket, spec.examples_per_group, spec.num_compression_tokens)
+    out['bucket'] = bucket
+    return out
+
+  def __next__(self) -> tuple[int, dict]:
+    item = next(self._it)
+    step, examples = item['step'], item['examples']
+    self.bad.merge(item['bad'])
+    if self.spec.sides is None:
+      batch = self._collate_side(examples)
+    else:
+      batch = {side: self._collate_side([None if e is None else e.get(side) for e in examples])
+               for side in self.spec.sides}
+    self.next_step = step + 1
+    self._examples += len(examples)
+    if self.log_every and self.next_step % self.log_every == 0:
+      rate = self._examples / (time.perf_counter() - self._start_time)
+      log.info('data step %d: %.1f examples/s (this process), %d bad records skipped',
+               step, rate, self.bad.total)
+    return step, batch
+
+
+def _mark_flags_parsed() -> None:
+  # grain's worker processes read absl flags; outside absl.app.run they must be marked parsed.
+  from absl import flags
+  if not flags.FLAGS.is_parsed():
+    flags.FLAGS.mark_as_parsed()
+
+
+BATCH_AXIS = {'positions': 1}  # every other array of a batch has the batch (or group) axis first
+
+
+def to_global(batch: dict, sharding_for: Callable[[str, np.ndarray], jax.sharding.Sharding]) -> dict:
+  """Process-local numpy batch -> global jax.Arrays (one call per leaf); 'stats'/'bucket' stay."""
+  def put(name, value):
+    if value is None or not isinstance(value, np.ndarray):
+      return value
+    sharding = sharding_for(name, value)
+    return jax.make_array_from_process_local_data(sharding, value)
+
+  out = {}
+  for key, value in batch.items():
+    if key in ('stats', 'bucket'):
+      out[key] = value
+    elif isinstance(value, dict):
+      out[key] = to_global(value, sharding_for)
+    elif dataclasses.is_dataclass(value):
+      out[key] = value.replace(**{f.name: put(f.name, getattr(value, f.name)) for f in dataclasses.fields(value)})
+    else:
+      out[key] = put(key, value)
+  return out
