@@ -5,7 +5,7 @@ setup(
     version='0.1.0',
     description='CoMa (Compressing then Matching) multimodal embeddings on JAX/Flax with Qwen2.5-VL',
     packages=find_packages(include=['coma_jax', 'coma_jax.*']),
-    package_data={'coma_jax.model': ['hf_configs/*.json']},
+    package_data={'coma_jax.model': ['hf_configs/*.json'], 'coma_jax.data': ['mmeb_v1_datasets.json']},
     python_requires='>=3.10,<3.14',
     install_requires=[
         'jax>=0.10.2,<0.12',
