@@ -1,5 +1,4 @@
 """Every kind of bad input: a clear error naming the record, or a counted, logged skip."""
-import io
 
 import numpy as np
 import pytest

@@ -1,6 +1,4 @@
 """TFDS ArrayRecord builders (no TensorFlow) and the grain pipeline to static global batches."""
-import json
-import os
 
 import jax
 import numpy as np

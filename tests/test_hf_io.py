@@ -9,7 +9,6 @@ import numpy as np
 import pytest
 import skimage.data
 import torch
-from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 from PIL import Image
 from safetensors.numpy import load_file, save_file

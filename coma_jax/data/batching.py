@@ -15,7 +15,7 @@ import numpy as np
 
 from coma_jax.data.sequences import IGNORE, ROLE_COMPRESSION, ROLE_PAD, Example
 from coma_jax.model.config import ModelConfig
-from coma_jax.model.inputs import ModelInputs, build_model_inputs, grouped_vision_arrays
+from coma_jax.model.inputs import ModelInputs, build_grouped_inputs, build_model_inputs
 from coma_jax.model.vision_layout import slots_needed
 
 
@@ -84,7 +84,6 @@ def collate(examples: Sequence[Example | None], cfg: ModelConfig, bucket: Bucket
   label_targets = np.full((b, bucket.label_slots), -1, np.int32)
   compression = np.zeros((b, k), np.int32)
   valid = np.zeros(b, bool)
-  patches, grids = [], []
   cuts = collections.Counter()
   for row, ex in enumerate(examples):
     if ex is None:
@@ -105,23 +104,18 @@ def collate(examples: Sequence[Example | None], cfg: ModelConfig, bucket: Bucket
       raise ValueError(f'example {ex.id!r} has {len(positions)} compression tokens, expected {k}')
     compression[row] = positions
     valid[row] = True
-    patches.append(ex.patches)
-    grids += ex.grids
     cuts.update(ex.cuts)
 
   groups = b // examples_per_group
-  kw = dict(seq_len=length, vision_groups=groups, patch_budget=bucket.vision_slots, vision_rows=1,
-            vision_row_len=bucket.vision_slots)
-  if grids:
-    inputs = build_model_inputs(cfg, ids, mask, pixel_values=np.concatenate(patches),
-                                image_grid_thw=np.array(grids), **kw)
-  else:  # a batch without images keeps the vision arrays, empty, so its shapes stay the bucket's
+  if bucket.vision_slots:  # every batch keeps its vision arrays (empty ones too): static shapes
+    grouped = [([e.patches for e in examples[g * examples_per_group:(g + 1) * examples_per_group] if e is not None],
+                [grid for e in examples[g * examples_per_group:(g + 1) * examples_per_group] if e is not None
+                 for grid in e.grids]) for g in range(groups)]
+    inputs = build_grouped_inputs(cfg, ids, mask, grouped, seq_len=length, patch_budget=bucket.vision_slots,
+                                  vision_rows=1, vision_row_len=bucket.vision_slots)
+  else:
     inputs = build_model_inputs(cfg, ids, mask, seq_len=length)
-    if bucket.vision_slots:
-      empty = (np.zeros((0, cfg.vision.patch_dim), np.float32), [])
-      inputs = inputs.replace(**grouped_vision_arrays(cfg, [empty] * groups, patch_budget=bucket.vision_slots,
-                                                      rows=1, row_len=bucket.vision_slots))
-  real_patches = sum(len(p) for p in patches)
+  real_patches = sum(len(e.patches) for e in examples if e is not None)
   stats = {
       'examples': int(valid.sum()),
       'token_padding_waste': 1.0 - mask.sum() / mask.size,
@@ -131,10 +125,3 @@ def collate(examples: Sequence[Example | None], cfg: ModelConfig, bucket: Bucket
   return {'inputs': inputs, 'roles': roles, 'labels': labels, 'label_positions': label_positions,
           'label_targets': label_targets, 'compression_positions': compression, 'example_valid': valid,
           'stats': stats}
-
-
-def check_static(inputs: ModelInputs) -> None:
-  """Guards the contract: every field is a NumPy array (no ragged Python data into jit)."""
-  for name, value in vars(inputs).items():
-    if value is not None and not isinstance(value, np.ndarray):
-      raise TypeError(f'ModelInputs.{name} is {type(value).__name__}, not a NumPy array')

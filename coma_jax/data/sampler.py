@@ -7,7 +7,7 @@ identical next global batch. Each process then reads only its contiguous slice.
 from __future__ import annotations
 
 import functools
-from typing import Mapping, Sequence
+from typing import Mapping
 
 import numpy as np
 

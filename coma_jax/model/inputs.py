@@ -5,7 +5,6 @@ vision tokens go) is computed here, so the jitted forward only sees fixed-shape 
 """
 from __future__ import annotations
 
-from typing import Sequence
 
 import jax
 import numpy as np
@@ -152,32 +151,56 @@ def grouped_vision_arrays(cfg: ModelConfig, groups, *, patch_budget: int | None 
                           rows: int | None = None, row_len: int | None = None) -> dict[str, np.ndarray]:
   """The vision fields of `ModelInputs` (leading group axis) for [(raster patches, grids), ...].
 
-  Unset budgets take the tightest fit common to all groups.
+  A group's patches may be one array or a list of arrays (one per item); they are copied once,
+  straight into the batch buffer. Unset budgets take the tightest fit common to all groups.
   """
   vc, u = cfg.vision, cfg.vision.merge_unit
+  pieces = [list(p) if isinstance(p, (list, tuple)) else [p] for p, _ in groups]
+  sizes = [sum(len(x) for x in ps) for ps in pieces]
   if patch_budget is None:
-    patch_budget = max(max(len(p) for p, _ in groups), u)
+    patch_budget = max(max(sizes), u)
   if row_len is None:
     row_len = max([vc.window_patches] + [sum(slots_needed(grids, vc)) for _, grids in groups])
-  if rows is None:
-    rows = max(build_vision_layout(grids, vc, row_len=row_len, patch_budget=patch_budget).window_index.shape[0]
-               for _, grids in groups)
-  per_group = [vision_arrays(cfg, p, grids, patch_budget=patch_budget, rows=rows, row_len=row_len)
-               for p, grids in groups]
-  return {k: np.stack([a[k] for a in per_group]) for k in per_group[0]}
+  layouts = [build_vision_layout(grids, vc, patch_budget=patch_budget, rows=rows, row_len=row_len)
+             for _, grids in groups]
+  if rows is None:  # tightest common row count: pad every group's layout to it
+    rows = max(layout.window_index.shape[0] for layout in layouts)
+    layouts = [build_vision_layout(grids, vc, patch_budget=patch_budget, rows=rows, row_len=row_len)
+               for _, grids in groups]
+  pixels = np.zeros((len(groups), patch_budget, vc.patch_dim), np.float32)
+  for g, ((_, grids), ps, layout) in enumerate(zip(groups, pieces, layouts)):
+    if sizes[g] != layout.num_patches or any(x.shape[1:] != (vc.patch_dim,) for x in ps):
+      raise ValueError(f'vision group {g}: pixel values of {sizes[g]} patches x '
+                       f'{[x.shape[1:] for x in ps][:1]}, but its grids need ({layout.num_patches}, {vc.patch_dim})')
+    start = 0
+    for x in ps:
+      pixels[g, start:start + len(x)] = x
+      start += len(x)
+  stack = lambda name: np.stack([getattr(layout, name) for layout in layouts])
+  return dict(pixel_patches=pixels, vision_rope_ids=stack('rope_ids'), window_index=stack('window_index'),
+              window_inverse=stack('window_inverse'), window_segment_ids=stack('window_segment_ids'),
+              full_segment_ids=stack('full_segment_ids'))
 
 
-def vision_arrays(cfg: ModelConfig, patches: np.ndarray, grids: Sequence[Sequence[int]], *,
-                  patch_budget: int | None = None, rows: int | None = None,
-                  row_len: int | None = None) -> dict[str, np.ndarray]:
-  """The vision fields of `ModelInputs` for raster patches of items with the given grids."""
-  expected = sum(int(t) * int(h) * int(w) for t, h, w in grids)
-  if patches.shape != (expected, cfg.vision.patch_dim):
-    raise ValueError(f'pixel values have shape {patches.shape}, but the grids need '
-                     f'({expected}, {cfg.vision.patch_dim})')
-  layout = build_vision_layout(grids, cfg.vision, patch_budget=patch_budget, rows=rows, row_len=row_len)
-  padded = np.zeros((layout.rope_ids.shape[0], patches.shape[1]), np.float32)
-  padded[:expected] = patches
-  return dict(pixel_patches=padded, vision_rope_ids=layout.rope_ids, window_index=layout.window_index,
-              window_inverse=layout.window_inverse, window_segment_ids=layout.window_segment_ids,
-              full_segment_ids=layout.full_segment_ids)
+def build_grouped_inputs(cfg: ModelConfig, input_ids: np.ndarray, valid: np.ndarray, groups, *,
+                         seq_len: int, patch_budget: int, vision_rows: int, vision_row_len: int) -> ModelInputs:
+  """The training path: images already grouped, [(list of per-image patches, grids)] per vision
+  group of consecutive rows, in row order. No processor-style flattening, one pixel copy."""
+  batch, length = input_ids.shape
+  rows_per_group = batch // len(groups)
+  grids = [tuple(g) for _, gs in groups for g in gs]
+  positions = get_rope_index(input_ids, valid, image_grid_thw=grids, image_token_id=cfg.image_token_id,
+                             video_token_id=cfg.video_token_id, spatial_merge_size=cfg.vision.spatial_merge_size,
+                             tokens_per_second=cfg.vision.tokens_per_second)
+  is_image = ((input_ids == cfg.image_token_id) & valid).reshape(len(groups), -1)
+  local = np.where(is_image, np.cumsum(is_image, axis=1) - 1, -1).reshape(batch, length).astype(np.int32)
+  for g, (_, gs) in enumerate(groups):
+    n = int(is_image[g].sum())
+    if n != sum(t * h * w for t, h, w in gs) // cfg.vision.merge_unit:
+      raise ValueError(f'vision group {g} (rows {g * rows_per_group}..{(g + 1) * rows_per_group - 1}): '
+                       f'{n} image placeholders for grids {gs}')
+  pad = ((0, 0), (0, seq_len - length))
+  return ModelInputs(
+      input_ids=np.pad(input_ids, pad).astype(np.int32), token_valid=np.pad(valid, pad),
+      positions=np.pad(positions, ((0, 0),) + pad), vision_token_index=np.pad(local, pad, constant_values=-1),
+      **grouped_vision_arrays(cfg, groups, patch_budget=patch_budget, rows=vision_rows, row_len=vision_row_len))
