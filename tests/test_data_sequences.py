@@ -38,7 +38,7 @@ def test_stage1_layout_and_answer_labels(tok):
   supervised = tok.decode(ex.tokens[ex.labels != IGNORE].tolist())
   assert supervised == 'An astronaut.<|im_end|>In a studio, posing.<|im_end|>White.<|im_end|>'
   n_image = int((ex.tokens == tok.id_of('<|image_pad|>')).sum())
-  assert n_image == ex.grids[0][1] * ex.grids[0][2] // 4 and len(ex.patches) == 4 * n_image
+  assert n_image == ex.grids[0][1] * ex.grids[0][2] // 4 and ex.num_patches == 4 * n_image
 
 
 def test_dialogue_labels_single_turn_and_k(tok):
@@ -93,3 +93,14 @@ def test_llava_parsing_and_the_qa_converter():
       {'from': 'human', 'value': 'Q2'}, {'from': 'gpt', 'value': 'A2'}]}
   record = parse_llava(converted, image_root='/data')
   assert record.images == ('/data/imgs/cat.jpg',) and record.turns == (('Q1', 'A1'), ('Q2', 'A2'))
+
+
+def test_collated_pixels_equal_the_image_processor(tok):
+  from coma_jax.data.batching import Bucket, collate
+  from coma_jax.data.image import decode_image, preprocess_image
+  ex = make(tok, Stage1Record('r', (PHOTO, PHOTO), TURNS[:1]))
+  batch = collate([ex, None], model_config(), Bucket(512, 512, 64), 1, 32)
+  expected, _ = preprocess_image(decode_image(PHOTO, 'r', SMALL_IMAGES), SMALL_IMAGES)
+  pixels = batch['inputs'].pixel_patches
+  np.testing.assert_array_equal(pixels[0, :2 * len(expected)], np.concatenate([expected, expected]))
+  assert not pixels[0, 2 * len(expected):].any() and not pixels[1].any()

@@ -15,7 +15,7 @@ import numpy as np
 
 from coma_jax.data.sequences import IGNORE, ROLE_COMPRESSION, ROLE_PAD, Example
 from coma_jax.model.config import ModelConfig
-from coma_jax.model.inputs import ModelInputs, build_grouped_inputs, build_model_inputs
+from coma_jax.model.inputs import build_grouped_inputs, build_model_inputs
 from coma_jax.model.vision_layout import slots_needed
 
 
@@ -108,14 +108,15 @@ def collate(examples: Sequence[Example | None], cfg: ModelConfig, bucket: Bucket
 
   groups = b // examples_per_group
   if bucket.vision_slots:  # every batch keeps its vision arrays (empty ones too): static shapes
-    grouped = [([e.patches for e in examples[g * examples_per_group:(g + 1) * examples_per_group] if e is not None],
-                [grid for e in examples[g * examples_per_group:(g + 1) * examples_per_group] if e is not None
-                 for grid in e.grids]) for g in range(groups)]
+    grouped = []
+    for g in range(groups):
+      members = [e for e in examples[g * examples_per_group:(g + 1) * examples_per_group] if e is not None]
+      grouped.append(([i for e in members for i in e.images], [grid for e in members for grid in e.grids]))
     inputs = build_grouped_inputs(cfg, ids, mask, grouped, seq_len=length, patch_budget=bucket.vision_slots,
                                   vision_rows=1, vision_row_len=bucket.vision_slots)
   else:
     inputs = build_model_inputs(cfg, ids, mask, seq_len=length)
-  real_patches = sum(len(e.patches) for e in examples if e is not None)
+  real_patches = sum(e.num_patches for e in examples if e is not None)
   stats = {
       'examples': int(valid.sum()),
       'token_padding_waste': 1.0 - mask.sum() / mask.size,

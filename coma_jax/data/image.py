@@ -58,23 +58,52 @@ def smart_resize(height: int, width: int, factor: int, min_pixels: int, max_pixe
   return h_bar, w_bar
 
 
-def patchify(image_chw: np.ndarray, s: ImageSettings) -> np.ndarray:
+def patchify(image_chw: np.ndarray, s: ImageSettings, out: np.ndarray | None = None) -> np.ndarray:
+  """(C, H, W) -> (grid_h*grid_w, C*T*P*P), merge-unit-major; written into `out` when given."""
   c, h, w = image_chw.shape
   p, m, t = s.patch_size, s.merge_size, s.temporal_patch_size
   gh, gw = h // p, w // p
   x = image_chw.reshape(c, gh // m, m, p, gw // m, m, p).transpose(1, 4, 2, 5, 0, 3, 6)
   x = np.broadcast_to(x[:, :, :, :, :, None], (*x.shape[:5], t, p, p))
-  return x.reshape(gh * gw, c * t * p * p)
+  if out is None:
+    return x.reshape(gh * gw, c * t * p * p)
+  out.reshape(gh // m, gw // m, m, m, c, t, p, p)[...] = x
+  return out
+
+
+class ResizedImage:
+  """A resized uint8 RGB image: 8x smaller than its float32 patches (which repeat each frame T
+  times), so workers hand these to the collator, which patchifies straight into the batch."""
+
+  def __init__(self, pixels: np.ndarray, settings: ImageSettings):
+    self.pixels, self.settings = pixels, settings
+    h, w = pixels.shape[:2]
+    self.grid = (1, h // settings.patch_size, w // settings.patch_size)
+
+  def __len__(self) -> int:
+    return self.grid[1] * self.grid[2]
+
+  def write_patches(self, out: np.ndarray) -> np.ndarray:
+    """Rescale, CLIP-normalise and patchify into `out` (len(self), C*T*P*P) float32."""
+    normalized = (self.pixels.astype(np.float32) * np.float32(1 / 255.0) - np.asarray(CLIP_MEAN, np.float32)) \
+        / np.asarray(CLIP_STD, np.float32)
+    return patchify(normalized.transpose(2, 0, 1), self.settings, out)
+
+  def patches(self) -> np.ndarray:
+    s = self.settings
+    return self.write_patches(np.empty((len(self), 3 * s.temporal_patch_size * s.patch_size**2), np.float32))
+
+
+def resize_image(image: Image.Image, settings: ImageSettings = ImageSettings()) -> ResizedImage:
+  image = to_rgb(image)
+  h, w = smart_resize(image.height, image.width, settings.factor, settings.min_pixels, settings.max_pixels)
+  return ResizedImage(np.asarray(image.resize((w, h), Image.Resampling.BICUBIC), np.uint8), settings)
 
 
 def preprocess_image(image: Image.Image, settings: ImageSettings = ImageSettings()) -> tuple[np.ndarray, tuple[int, int, int]]:
   """PIL image -> (pixel patches (N, C*T*P*P) float32, grid (1, grid_h, grid_w))."""
-  image = to_rgb(image)
-  h, w = smart_resize(image.height, image.width, settings.factor, settings.min_pixels, settings.max_pixels)
-  resized = np.asarray(image.resize((w, h), Image.Resampling.BICUBIC), np.float32) / 255.0
-  normalized = (resized - np.asarray(CLIP_MEAN, np.float32)) / np.asarray(CLIP_STD, np.float32)
-  patches = patchify(normalized.transpose(2, 0, 1), settings)
-  return patches.astype(np.float32), (1, h // settings.patch_size, w // settings.patch_size)
+  resized = resize_image(image, settings)
+  return resized.patches(), resized.grid
 
 
 def to_rgb(image: Image.Image) -> Image.Image:

@@ -17,7 +17,7 @@ import numpy as np
 
 from coma_jax.data.bad_records import BadRecord
 from coma_jax.data.formats import MMEB_IMAGE_TAG, Side, Stage1Record
-from coma_jax.data.image import ImageSettings, decode_image, preprocess_image
+from coma_jax.data.image import ImageSettings, decode_image, resize_image
 from coma_jax.data.tokenizer import QwenTokenizer
 
 ROLE_PAD, ROLE_PREFIX, ROLE_COMPRESSION, ROLE_DIALOGUE = 0, 1, 2, 3
@@ -51,9 +51,13 @@ class Example:
   tokens: np.ndarray         # (n,) int32
   roles: np.ndarray          # (n,) int8
   labels: np.ndarray         # (n,) int32, IGNORE where unsupervised (HF style, unshifted)
-  patches: np.ndarray        # (p, patch_dim) float32, raster order
+  images: list               # ResizedImage per image (uint8; patchified by the collator)
   grids: list                # [(t, h, w)] per image
   cuts: collections.Counter = dataclasses.field(default_factory=collections.Counter)
+
+  @property
+  def num_patches(self) -> int:
+    return sum(len(i) for i in self.images)
 
   @property
   def num_labels(self) -> int:
@@ -76,13 +80,8 @@ class TokenIds:
 
 
 def _images(refs, record_id: str, settings: ImageSettings):
-  patches, grids = [], []
-  for ref in refs:
-    p, g = preprocess_image(decode_image(ref, record_id, settings), settings)
-    patches.append(p)
-    grids.append(g)
-  dim = 3 * settings.temporal_patch_size * settings.patch_size ** 2
-  return (np.concatenate(patches) if patches else np.zeros((0, dim), np.float32)), grids
+  images = [resize_image(decode_image(ref, record_id, settings), settings) for ref in refs]
+  return images, [i.grid for i in images]
 
 
 def _vision_block(ids: TokenIds, grid, merge: int) -> list[int]:
@@ -100,7 +99,7 @@ def _check_vision_fits(record_id, grids, settings: SequenceSettings, slots_of):
 def stage1_example(record: Stage1Record, tok: QwenTokenizer, ids: TokenIds, settings: SequenceSettings,
                    slots_of) -> Example:
   """The stage-1 sequence of one record. `slots_of(grids)` gives the vision slots images take."""
-  patches, grids = _images(record.images, record.id, settings.image)
+  images, grids = _images(record.images, record.id, settings.image)
   _check_vision_fits(record.id, grids, settings, slots_of)
   merge = settings.image.merge_size
   vision = [t for g in grids for t in _vision_block(ids, g, merge)]
@@ -144,13 +143,13 @@ def stage1_example(record: Stage1Record, tok: QwenTokenizer, ids: TokenIds, sett
   roles = [ROLE_PREFIX] * len(prefix) + [ROLE_COMPRESSION] * len(compression) + [ROLE_DIALOGUE] * len(dialogue)
   return Example(id=record.id, tokens=np.asarray(prefix + compression + dialogue, np.int32),
                  roles=np.asarray(roles, np.int8), labels=np.asarray(labels, np.int32),
-                 patches=patches, grids=grids, cuts=cuts)
+                 images=images, grids=grids, cuts=cuts)
 
 
 def stage2_example(side: Side, record_id: str, tok: QwenTokenizer, ids: TokenIds,
                    settings: SequenceSettings, slots_of) -> Example:
   """One side of a pair (query, positive or negative): text with its image, then K tokens."""
-  patches, grids = _images([] if side.image is None else [side.image], record_id, settings.image)
+  images, grids = _images([] if side.image is None else [side.image], record_id, settings.image)
   _check_vision_fits(record_id, grids, settings, slots_of)
   tags = side.text.count(MMEB_IMAGE_TAG)
   if tags > 1 or (tags == 1 and not grids):
@@ -173,4 +172,4 @@ def stage2_example(side: Side, record_id: str, tok: QwenTokenizer, ids: TokenIds
   n = len(prefix) + len(compression)
   return Example(id=record_id, tokens=np.asarray(prefix + compression, np.int32),
                  roles=np.asarray([ROLE_PREFIX] * len(prefix) + [ROLE_COMPRESSION] * len(compression), np.int8),
-                 labels=np.full(n, IGNORE, np.int32), patches=patches, grids=grids, cuts=cuts)
+                 labels=np.full(n, IGNORE, np.int32), images=images, grids=grids, cuts=cuts)

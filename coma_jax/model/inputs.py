@@ -151,8 +151,9 @@ def grouped_vision_arrays(cfg: ModelConfig, groups, *, patch_budget: int | None 
                           rows: int | None = None, row_len: int | None = None) -> dict[str, np.ndarray]:
   """The vision fields of `ModelInputs` (leading group axis) for [(raster patches, grids), ...].
 
-  A group's patches may be one array or a list of arrays (one per item); they are copied once,
-  straight into the batch buffer. Unset budgets take the tightest fit common to all groups.
+  A group's patches may be one array or a list of items, each an (n, patch_dim) array or an
+  object with `len()` and `write_patches(out)` (a resized image that patchifies itself into the
+  batch buffer). Either way they are written once. Unset budgets take the tightest common fit.
   """
   vc, u = cfg.vision, cfg.vision.merge_unit
   pieces = [list(p) if isinstance(p, (list, tuple)) else [p] for p, _ in groups]
@@ -169,12 +170,16 @@ def grouped_vision_arrays(cfg: ModelConfig, groups, *, patch_budget: int | None 
                for _, grids in groups]
   pixels = np.zeros((len(groups), patch_budget, vc.patch_dim), np.float32)
   for g, ((_, grids), ps, layout) in enumerate(zip(groups, pieces, layouts)):
-    if sizes[g] != layout.num_patches or any(x.shape[1:] != (vc.patch_dim,) for x in ps):
+    arrays = [x for x in ps if isinstance(x, np.ndarray)]
+    if sizes[g] != layout.num_patches or any(x.shape[1:] != (vc.patch_dim,) for x in arrays):
       raise ValueError(f'vision group {g}: pixel values of {sizes[g]} patches x '
-                       f'{[x.shape[1:] for x in ps][:1]}, but its grids need ({layout.num_patches}, {vc.patch_dim})')
+                       f'{[x.shape[1:] for x in arrays][:1]}, but its grids need ({layout.num_patches}, {vc.patch_dim})')
     start = 0
     for x in ps:
-      pixels[g, start:start + len(x)] = x
+      if isinstance(x, np.ndarray):
+        pixels[g, start:start + len(x)] = x
+      else:
+        x.write_patches(pixels[g, start:start + len(x)])
       start += len(x)
   stack = lambda name: np.stack([getattr(layout, name) for layout in layouts])
   return dict(pixel_patches=pixels, vision_rope_ids=stack('rope_ids'), window_index=stack('window_index'),
