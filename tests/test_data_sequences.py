@@ -1,4 +1,5 @@
 """Stage-1 and stage-2 sequences: roles, labels, compression tokens and truncation."""
+import numpy as np
 import pytest
 import skimage.data
 from PIL import Image
