@@ -17,6 +17,7 @@ from coma_jax.data.sequences import IGNORE, ROLE_COMPRESSION, ROLE_PAD, Example
 from coma_jax.model.config import ModelConfig
 from coma_jax.model.inputs import build_grouped_inputs, build_model_inputs
 from coma_jax.model.vision_layout import slots_needed
+from coma_jax.training.stage1_attention import split_indices
 
 
 @dataclasses.dataclass(frozen=True, order=True)
@@ -123,6 +124,7 @@ def collate(examples: Sequence[Example | None], cfg: ModelConfig, bucket: Bucket
       'vision_padding_waste': (1.0 - real_patches / (groups * bucket.vision_slots)) if bucket.vision_slots else 0.0,
       'cuts': dict(cuts),
   }
+  split_index, split_slot = split_indices(roles)
   return {'inputs': inputs, 'roles': roles, 'labels': labels, 'label_positions': label_positions,
           'label_targets': label_targets, 'compression_positions': compression, 'example_valid': valid,
-          'stats': stats}
+          'split_index': split_index, 'split_slot': split_slot, 'stats': stats}

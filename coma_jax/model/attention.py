@@ -14,12 +14,14 @@ IMPLEMENTATIONS = ('xla',)
 _MASKED = -0.7 * float(jnp.finfo(jnp.float32).max)  # finite: a fully masked row gives no NaN
 
 
-def attention(q: jax.Array, k: jax.Array, v: jax.Array, *, q_segment_ids: jax.Array,
-              kv_segment_ids: jax.Array, causal: bool, impl: str = 'xla') -> jax.Array:
+def attention(q: jax.Array, k: jax.Array, v: jax.Array, *, q_segment_ids: jax.Array | None = None,
+              kv_segment_ids: jax.Array | None = None, causal: bool = False, impl: str = 'xla',
+              mask: jax.Array | None = None) -> jax.Array:
   """Scaled dot-product attention with grouped KV heads.
 
   q: (B, T, N, D); k, v: (B, S, K, D) with N % K == 0; segment ids: (B, T) and (B, S) ints.
   Query t may attend key s iff their segment ids are equal (and s <= t when causal).
+  `mask` (B, 1, T, S) bool replaces segments and causality: the explicit-mask CPU reference only.
   Returns (B, T, N, D) in q's dtype.
   """
   if impl != 'xla':
@@ -31,9 +33,12 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, *, q_segment_ids: jax.Ar
   qg = q.reshape(b, t, kv_heads, n // kv_heads, d)
   logits = jnp.einsum('btkgd,bskd->bkgts', qg, k, preferred_element_type=jnp.float32)
   logits = logits * (d ** -0.5)
-  mask = q_segment_ids[:, :, None] == kv_segment_ids[:, None, :]  # (B, T, S)
-  if causal:
-    mask = mask & (jnp.arange(t)[:, None] >= jnp.arange(k.shape[1])[None, :])
+  if mask is None:
+    mask = q_segment_ids[:, :, None] == kv_segment_ids[:, None, :]  # (B, T, S)
+    if causal:
+      mask = mask & (jnp.arange(t)[:, None] >= jnp.arange(k.shape[1])[None, :])
+  else:
+    mask = mask[:, 0]
   logits = jnp.where(mask[:, None, None], logits, _MASKED)
   probs = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
   out = jnp.einsum('bkgts,bskd->btkgd', probs, v, preferred_element_type=jnp.float32)

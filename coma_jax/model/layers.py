@@ -9,6 +9,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 from flax import nnx
+from jax.ad_checkpoint import checkpoint_name
 
 LAYERS_AXIS = 'layers'
 
@@ -40,11 +41,12 @@ class Linear(nnx.Module):
     self.kernel = make_param(rngs, init_std, (in_features, out_features), axes, stack, param_dtype)
     self.bias = make_param(rngs, 'zeros', (out_features,), axes[1:], stack, param_dtype) if use_bias else None
 
-  def __call__(self, x: jax.Array) -> jax.Array:
+  def __call__(self, x: jax.Array, ctx=None) -> jax.Array:
+    """`ctx` (a `DropoutContext` or None) is for adapters that wrap this hook; ignored here."""
     y = jnp.dot(x.astype(self.dtype), self.kernel[...].astype(self.dtype))
     if self.bias is not None:
       y = y + self.bias[...].astype(self.dtype)
-    return y
+    return checkpoint_name(y, self.hook)
 
 
 class RMSNorm(nnx.Module):
@@ -95,8 +97,8 @@ class SwiGLU(nnx.Module):
     self.up_proj = Linear(dim, hidden, axes=axes, hook=f'{hook_prefix}.up_proj', **kw)
     self.down_proj = Linear(hidden, dim, axes=axes[::-1], hook=f'{hook_prefix}.down_proj', **kw)
 
-  def __call__(self, x: jax.Array) -> jax.Array:
-    return self.down_proj(activation(self.act)(self.gate_proj(x)) * self.up_proj(x))
+  def __call__(self, x: jax.Array, ctx=None) -> jax.Array:
+    return self.down_proj(activation(self.act)(self.gate_proj(x, ctx)) * self.up_proj(x, ctx), ctx)
 
 
 def iter_hooks(model: nnx.Module):

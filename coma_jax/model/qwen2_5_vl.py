@@ -49,12 +49,12 @@ class Qwen25VL(nnx.Module):
     return lambda layer, q, k, v: attention(q, k, v, q_segment_ids=seg, kv_segment_ids=seg,
                                             causal=True, impl=self.attention_impl)
 
-  def hidden_states(self, inputs: ModelInputs, attend: Attend | None = None) -> jax.Array:
-    """Final-norm hidden states (B, L, D)."""
+  def hidden_states(self, inputs: ModelInputs, attend: Attend | None = None, ctx=None) -> jax.Array:
+    """Final-norm hidden states (B, L, D). `ctx`: adapter dropout keys (None: deterministic)."""
     t = self.config.text
     x = self.embed(inputs)
     cos, sin = mrope_cos_sin(inputs.positions, t.head_dim, t.rope_theta, t.mrope_section)
-    return self.decoder(x, cos, sin, attend or self.causal_attend(inputs))
+    return self.decoder(x, cos, sin, attend or self.causal_attend(inputs), ctx)
 
   def logits(self, hidden: jax.Array) -> jax.Array:
     """LM head on the given hidden states (gather the positions you need first)."""

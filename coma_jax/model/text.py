@@ -30,14 +30,14 @@ class TextAttention(nnx.Module):
     self.v_proj = Linear(cfg.hidden_size, self.num_kv_heads * hd, axes=('embed', 'kv_heads'), hook='text.v_proj', use_bias=True, **kw)
     self.o_proj = Linear(self.num_heads * hd, cfg.hidden_size, axes=('heads', 'embed'), hook='text.o_proj', use_bias=False, **kw)
 
-  def __call__(self, x, cos, sin, attend: Attend, layer_index):
+  def __call__(self, x, cos, sin, attend: Attend, layer_index, ctx=None):
     b, length, _ = x.shape
-    q = self.q_proj(x).reshape(b, length, self.num_heads, self.head_dim)
-    k = self.k_proj(x).reshape(b, length, self.num_kv_heads, self.head_dim)
-    v = self.v_proj(x).reshape(b, length, self.num_kv_heads, self.head_dim)
+    q = self.q_proj(x, ctx).reshape(b, length, self.num_heads, self.head_dim)
+    k = self.k_proj(x, ctx).reshape(b, length, self.num_kv_heads, self.head_dim)
+    v = self.v_proj(x, ctx).reshape(b, length, self.num_kv_heads, self.head_dim)
     q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
     out = attend(layer_index, q, k, v)
-    return self.o_proj(out.reshape(b, length, self.num_heads * self.head_dim))
+    return self.o_proj(out.reshape(b, length, self.num_heads * self.head_dim), ctx)
 
 
 class DecoderLayer(nnx.Module):
@@ -49,9 +49,9 @@ class DecoderLayer(nnx.Module):
     self.mlp = SwiGLU(cfg.hidden_size, cfg.intermediate_size, axes=('embed', 'mlp'), hook_prefix='text',
                       use_bias=False, act=cfg.hidden_act, stack=stack, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
 
-  def __call__(self, x, cos, sin, attend: Attend, layer_index):
-    x = x + self.self_attn(self.input_layernorm(x), cos, sin, attend, layer_index)
-    return x + self.mlp(self.post_attention_layernorm(x))
+  def __call__(self, x, cos, sin, attend: Attend, layer_index, ctx=None):
+    x = x + self.self_attn(self.input_layernorm(x), cos, sin, attend, layer_index, ctx)
+    return x + self.mlp(self.post_attention_layernorm(x), ctx)
 
 
 class TextDecoder(nnx.Module):
@@ -63,8 +63,9 @@ class TextDecoder(nnx.Module):
     self.norm = RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps, axis_name='embed', param_dtype=param_dtype)
     self.num_layers = cfg.num_hidden_layers
 
-  def __call__(self, x, cos, sin, attend: Attend):
-    body = lambda layer, x, i: layer(x, cos, sin, attend, i)
+  def __call__(self, x, cos, sin, attend: Attend, ctx=None):
+    """`ctx`: a DropoutContext (per-row keys) or None; each layer gets its own keys."""
+    body = lambda layer, x, i: layer(x, cos, sin, attend, i, None if ctx is None else ctx.for_layer(i))
     x = run_stack(self.layers, x, body, per_layer=np.arange(self.num_layers, dtype=np.int32),
                   scan=self.scan_layers, remat=self.remat)
     return self.norm(x)

@@ -1,0 +1,1 @@
+"""Training: the stage-1 mask, losses, optimiser, train state and the jitted steps."""

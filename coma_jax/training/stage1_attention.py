@@ -1,0 +1,78 @@
+"""The stage-1 compression mask: causal, and dialogue rows never see prefix columns.
+
+`paper` runs it as two plain causal attention calls per layer, the form fused kernels take:
+  call 1: the row as is (prefix and compression rows are right; dialogue rows are discarded);
+  call 2: the row gathered from its first compression token on ([compression + dialogue]);
+dialogue rows come from call 2, scattered back with host-made indices (`split_indices`).
+q and k carry their rotary positions already, so the gather keeps relative positions.
+`causal` is what the released code ran. `reference_mask` is the explicit (B, 1, L, L) CPU check.
+"""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from coma_jax.data.sequences import ROLE_COMPRESSION, ROLE_DIALOGUE, ROLE_PAD, ROLE_PREFIX
+from coma_jax.model.attention import attention
+
+MASK_MODES = ('paper', 'causal')
+
+
+def split_indices(roles: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+  """Host side. split_index (B, L): the source position of each slot of call 2 (-1 = empty);
+  split_slot (B, L): each dialogue position's slot in call 2 (-1 elsewhere)."""
+  b, length = roles.shape
+  split_index = np.full((b, length), -1, np.int32)
+  split_slot = np.full((b, length), -1, np.int32)
+  for r in range(b):
+    comp = np.flatnonzero(roles[r] == ROLE_COMPRESSION)
+    if len(comp) == 0:
+      continue
+    start, end = comp[0], int(np.flatnonzero(roles[r] != ROLE_PAD).max()) + 1
+    split_index[r, :end - start] = np.arange(start, end)
+    dialogue = np.flatnonzero(roles[r] == ROLE_DIALOGUE)
+    split_slot[r, dialogue] = dialogue - start
+  return split_index, split_slot
+
+
+def _take_rows(x: jax.Array, index: jax.Array) -> jax.Array:
+  """x (B, L, ...) gathered along L by index (B, L'), -1 -> position 0 (masked by the caller)."""
+  idx = jnp.maximum(index, 0).reshape(index.shape + (1,) * (x.ndim - 2))
+  return jnp.take_along_axis(x, idx, axis=1)
+
+
+def paper_attend(token_valid, split_index, split_slot, impl: str = 'xla'):
+  seg = token_valid.astype(jnp.int32)
+  seg2 = (split_index >= 0).astype(jnp.int32)
+
+  def attend(layer, q, k, v):
+    full = attention(q, k, v, q_segment_ids=seg, kv_segment_ids=seg, causal=True, impl=impl)
+    q2, k2, v2 = (_take_rows(a, split_index) for a in (q, k, v))
+    tail = attention(q2, k2, v2, q_segment_ids=seg2, kv_segment_ids=seg2, causal=True, impl=impl)
+    back = _take_rows(tail, split_slot)
+    return jnp.where((split_slot >= 0)[:, :, None, None], back, full)
+  return attend
+
+
+def reference_mask(roles: jax.Array, token_valid: jax.Array) -> jax.Array:
+  """(B, 1, L, L) bool: causal, valid keys, and no dialogue-row -> prefix-column attention."""
+  length = roles.shape[1]
+  causal = jnp.arange(length)[:, None] >= jnp.arange(length)[None, :]
+  blocked = (roles[:, :, None] == ROLE_DIALOGUE) & (roles[:, None, :] == ROLE_PREFIX)
+  return (causal & token_valid[:, None, :] & ~blocked)[:, None]
+
+
+def reference_attend(roles, token_valid):
+  mask = reference_mask(roles, token_valid)
+  return lambda layer, q, k, v: attention(q, k, v, mask=mask)
+
+
+def stage1_attend(mode: str, batch: dict, impl: str = 'xla'):
+  inputs = batch['inputs']
+  if mode == 'paper':
+    return paper_attend(inputs.token_valid, batch['split_index'], batch['split_slot'], impl)
+  if mode == 'causal':
+    seg = inputs.token_valid.astype(jnp.int32)
+    return lambda layer, q, k, v: attention(q, k, v, q_segment_ids=seg, kv_segment_ids=seg, causal=True, impl=impl)
+  raise ValueError(f'stage-1 mask mode must be one of {MASK_MODES}, got {mode!r}')

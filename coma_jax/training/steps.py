@@ -1,0 +1,108 @@
+"""The jitted stage-1 train step: a pure function (state, batch, key) -> (state, metrics).
+
+Gradient accumulation runs as a `scan` over micro-batches inside the step. A micro-batch takes
+every M-th vision group (with its rows), so each micro-batch stays spread over the data-sharded
+devices. A non-finite loss or gradient skips the update and is counted.
+"""
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import nnx
+
+from coma_jax.model.lora import DropoutContext
+from coma_jax.training.losses import stage1_loss_terms
+from coma_jax.training.stage1_attention import stage1_attend
+from coma_jax.training.state import TrainState
+
+# Which axis of each batch leaf is the batch (or vision-group) axis; absent means 0.
+BATCH_AXIS = {'positions': 1}
+
+
+@dataclasses.dataclass(frozen=True)
+class Stage1StepConfig:
+  mask: str = 'paper'
+  normalisation: str = 'example_mean'
+  micro_batches: int = 1
+  loss_chunk: int = 512
+  attention_impl: str = 'xla'
+  first_trainable_embedding_row: int | None = None  # set for embeddings='new_tokens_only'
+
+
+def split_micro_batches(batch: dict, num_micro: int) -> dict:
+  """Leading micro-batch axis: micro m holds vision groups m, m+M, ... and their rows."""
+  inputs = batch['inputs']
+  rows = inputs.input_ids.shape[0]
+  groups = inputs.pixel_patches.shape[0] if inputs.pixel_patches is not None else rows
+  if groups % num_micro or rows % groups:
+    raise ValueError(f'{groups} vision groups of {rows} rows do not split into {num_micro} micro-batches')
+
+  def split(path, x):
+    name = getattr(path[-1], 'name', getattr(path[-1], 'key', None))
+    axis = BATCH_AXIS.get(name, 0)
+    n = x.shape[axis]
+    per_group = n // groups  # rows per group on row axes, 1 on group axes
+    x = x.reshape(x.shape[:axis] + (groups // num_micro, num_micro, per_group) + x.shape[axis + 1:])
+    x = jnp.moveaxis(x, axis + 1, 0)
+    return x.reshape(x.shape[:axis + 1] + (n // num_micro,) + x.shape[axis + 3:])
+  return jax.tree_util.tree_map_with_path(split, batch)
+
+
+def _is_embedding(path) -> bool:
+  keys = [getattr(p, 'key', getattr(p, 'name', None)) for p in path]
+  return 'embed_tokens' in keys and 'embedding' in keys
+
+
+def make_stage1_step(graphdef, tx: optax.GradientTransformation, cfg: Stage1StepConfig):
+  def loss_fn(params, frozen, mb, key):
+    model = nnx.merge(graphdef, params, frozen)
+    ctx = DropoutContext.for_rows(key, mb['row_ids'])
+    hidden = model.hidden_states(mb['inputs'], stage1_attend(cfg.mask, mb, cfg.attention_impl), ctx)
+    numerator, _, tokens = stage1_loss_terms(model, hidden, mb['label_positions'], mb['label_targets'],
+                                             cfg.normalisation, cfg.loss_chunk)
+    return numerator, tokens
+
+  grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+
+  def step(state: TrainState, batch: dict, key: jax.Array):
+    batch = {k: v for k, v in batch.items() if k not in ('stats', 'bucket', 'labels', 'roles')}
+    rows = batch['label_positions'].shape[0]
+    batch['row_ids'] = jnp.arange(rows, dtype=jnp.int32)
+    has_labels = batch['label_positions'] >= 0
+    if cfg.normalisation == 'token_mean':
+      denominator = has_labels.sum()
+    else:
+      denominator = has_labels.any(axis=1).sum()
+    denominator = jnp.maximum(denominator, 1).astype(jnp.float32)
+    micro = split_micro_batches(batch, cfg.micro_batches)
+    zeros = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), state.params)
+
+    def body(acc, mb):
+      (numerator, tokens), grads = grad_fn(state.params, state.frozen, mb, key)
+      return (acc[0] + numerator, acc[1] + tokens, jax.tree.map(jnp.add, acc[2], grads)), None
+
+    (numerator, tokens, grads), _ = jax.lax.scan(body, (jnp.zeros(()), jnp.zeros((), jnp.int32), zeros), micro)
+    loss = numerator / denominator
+    grads = jax.tree.map(lambda g: g / denominator, grads)
+    grad_norm = optax.global_norm(grads)
+    finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+    updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    if cfg.first_trainable_embedding_row is not None:
+      def mask_rows(path, u):
+        if not _is_embedding(path):
+          return u
+        return u * (jnp.arange(u.shape[0]) >= cfg.first_trainable_embedding_row)[:, None].astype(u.dtype)
+      updates = jax.tree_util.tree_map_with_path(mask_rows, updates)
+    params = optax.apply_updates(state.params, updates)
+    keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, old)
+    new_state = TrainState(step=state.step + finite.astype(jnp.int32), params=keep(params, state.params),
+                           frozen=state.frozen, opt_state=keep(opt_state, state.opt_state),
+                           skipped=state.skipped + (~finite).astype(jnp.int32))
+    metrics = {'loss': loss, 'grad_norm': grad_norm, 'tokens': tokens, 'skipped': new_state.skipped,
+               'finite': finite}
+    return new_state, metrics
+
+  return step
