@@ -1,0 +1,91 @@
+"""The stage-1 compression mask: decomposition == explicit mask, key/value substitution, and the
+causal mode's loss equal to transformers' own loss."""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+
+from coma_jax.training.losses import stage1_loss_terms
+from coma_jax.training.stage1_attention import paper_attend, reference_attend, stage1_attend
+from tests.stage1_batches import batch, example
+from tests.tiny_models import IMAGE, jax_twin, torch_model
+
+
+@pytest.fixture(scope='module')
+def models():
+  tm = torch_model('tied_gqa2_win56', seed=3)
+  return tm, jax_twin(tm), jax_twin(tm, scan_layers=False)
+
+
+def test_decomposition_equals_the_explicit_mask(models):
+  _, model, _ = models
+  b, _ = batch(model.config)
+  inputs = b['inputs']
+  run = jax.jit(lambda inputs, roles, index, slot: (
+      model.hidden_states(inputs, paper_attend(inputs.token_valid, index, slot)),
+      model.hidden_states(inputs, reference_attend(roles, inputs.token_valid)),
+      model.hidden_states(inputs)))
+  paper, reference, causal = run(inputs, b['roles'], b['split_index'], b['split_slot'])
+  valid = inputs.token_valid
+  assert np.abs(np.asarray(paper - reference))[valid].max() <= 1e-5
+  dialogue = b['roles'] == 3
+  assert np.abs(np.asarray(paper - causal))[dialogue].max() > 1e-2  # the mask really bites
+  prefix_and_c = (b['roles'] == 1) | (b['roles'] == 2)
+  assert np.abs(np.asarray(paper - causal))[prefix_and_c].max() <= 1e-5
+
+
+def test_key_value_substitution_makes_dialogue_logits_bit_identical(models):
+  """Runs A and B differ only in their images. Copying A's keys and values at the compression
+  positions into B, layer by layer, makes B's dialogue logits equal A's bit for bit: the
+  dialogue sees the image only through the compression tokens."""
+  _, _, model = models  # unrolled: the layer index reaches `attend` as a Python int
+  rng = np.random.default_rng(7)
+  a_ex = example(rng, 'a')
+  b_ex = example(rng, 'b')
+  b_ex.tokens, b_ex.roles, b_ex.labels = a_ex.tokens, a_ex.roles, a_ex.labels  # same text, other image
+  ba, _ = batch(model.config, examples=[a_ex])
+  bb, _ = batch(model.config, examples=[b_ex])
+  comp = np.flatnonzero(ba['roles'][0] == 2)
+  saved = {}
+
+  def recording(inner):
+    def attend(layer, q, k, v):
+      saved[int(layer)] = (k[:, comp], v[:, comp])
+      return inner(layer, q, k, v)
+    return attend
+
+  def substituting(inner):
+    def attend(layer, q, k, v):
+      ka, va = saved[int(layer)]
+      return inner(layer, q, k.at[:, comp].set(ka), v.at[:, comp].set(va))
+    return attend
+
+  paper = lambda b: paper_attend(b['inputs'].token_valid, b['split_index'], b['split_slot'])
+  ha = model.hidden_states(ba['inputs'], recording(paper(ba)))
+  hb = model.hidden_states(bb['inputs'], substituting(paper(bb)))
+  dialogue = ba['roles'][0] == 3
+  la, lb = np.asarray(model.logits(ha))[0, dialogue], np.asarray(model.logits(hb))[0, dialogue]
+  assert np.array_equal(la, lb)
+  hb_plain = model.hidden_states(bb['inputs'], paper(bb))
+  assert not np.array_equal(np.asarray(model.logits(hb_plain))[0, dialogue], la)  # the images do differ
+
+
+def test_causal_mode_loss_equals_transformers(models):
+  tm, model, _ = models
+  b, examples = batch(model.config)
+  inputs = b['inputs']
+  hidden = model.hidden_states(inputs, stage1_attend('causal', b))
+  numerator, denominator, _ = stage1_loss_terms(model, hidden, b['label_positions'], b['label_targets'], 'token_mean')
+  ours = float(numerator / denominator)
+  pixels = np.concatenate([img.patches() for e in examples for img in e.images])
+  grids = np.array([g for e in examples for g in e.grids])
+  ids = torch.as_tensor(np.asarray(inputs.input_ids, np.int64))
+  with torch.no_grad():
+    out = tm(input_ids=ids, attention_mask=torch.as_tensor(np.asarray(inputs.token_valid, np.int64)),
+             pixel_values=torch.as_tensor(pixels), image_grid_thw=torch.as_tensor(grids),
+             mm_token_type_ids=(ids == IMAGE).long(), labels=torch.as_tensor(b['labels'].astype(np.int64)))
+  assert abs(ours - float(out.loss)) <= 1e-4, (ours, float(out.loss))
+  # The reference normalisation (mean of per-example means) differs when examples differ in length.
+  num_e, den_e, _ = stage1_loss_terms(model, hidden, b['label_positions'], b['label_targets'], 'example_mean')
+  assert abs(float(num_e / den_e) - ours) > 1e-6
