@@ -30,7 +30,7 @@ setup(
     extras_require={
         # torch is only the numerical reference; 2.13.0 is the CPU wheel (a bare `torch` pulls CUDA).
         'demo': [],  # the demo needs only the core; later issues may add to it
-        'test': ['torch==2.13.0', 'transformers>=5.24.0,<5.25', 'pytest>=8,<10'],
+        'test': ['torch==2.13.0', 'transformers>=5.24.0,<5.25', 'peft>=0.21,<0.22', 'pytest>=8,<10'],
         'gpu': ['jax[cuda12]>=0.10.2,<0.12'],
         'tpu': ['jax[tpu]>=0.10.2,<0.12'],
     },

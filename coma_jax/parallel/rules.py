@@ -47,11 +47,12 @@ def mesh_axes_for(names: Sequence[str | None], shape: Sequence[int], rules: Mapp
 
 
 def state_shardings(state, rules: Mapping, mesh: Mesh, replicate: bool = False):
-  """NamedShardings for an nnx.State (abstract or concrete) from its logical axis metadata."""
+  """The state's structure with a NamedSharding as each value, from the logical axis metadata.
+  Works on abstract states (`nnx.eval_shape`): nothing is allocated."""
   def one(var):
     names = var.get_metadata().get('out_sharding') or (None,) * len(var.shape)
     spec = P() if replicate else mesh_axes_for(names, var.shape, rules, mesh)
-    return NamedSharding(mesh, spec)
+    return var.replace(NamedSharding(mesh, spec))
   return jax.tree.map(one, state, is_leaf=lambda x: isinstance(x, nnx.Variable))
 
 

@@ -25,8 +25,11 @@ class OptimConfig:
 
 
 def schedule(cfg: OptimConfig):
+  """Linear warmup over warmup_ratio of the steps, then cosine decay to 0 at total_steps."""
   warmup = int(round(cfg.warmup_ratio * cfg.total_steps))
-  return optax.warmup_cosine_decay_schedule(0.0, cfg.learning_rate, max(warmup, 1), max(cfg.total_steps, warmup + 1), 0.0)
+  if warmup == 0:
+    return optax.cosine_decay_schedule(cfg.learning_rate, max(cfg.total_steps, 1))
+  return optax.warmup_cosine_decay_schedule(0.0, cfg.learning_rate, warmup, max(cfg.total_steps, warmup + 1), 0.0)
 
 
 def make_optimizer(cfg: OptimConfig) -> optax.GradientTransformation:

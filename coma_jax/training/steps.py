@@ -56,7 +56,9 @@ def _is_embedding(path) -> bool:
   return 'embed_tokens' in keys and 'embedding' in keys
 
 
-def make_stage1_step(graphdef, tx: optax.GradientTransformation, cfg: Stage1StepConfig):
+def make_stage1_grads(graphdef, cfg: Stage1StepConfig):
+  """(params, frozen, batch, key) -> (loss, supervised tokens, grads) over the whole global batch,
+  accumulated over micro-batches; the loss and grads are already normalised."""
   def loss_fn(params, frozen, mb, key):
     model = nnx.merge(graphdef, params, frozen)
     ctx = DropoutContext.for_rows(key, mb['row_ids'])
@@ -67,7 +69,7 @@ def make_stage1_step(graphdef, tx: optax.GradientTransformation, cfg: Stage1Step
 
   grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
 
-  def step(state: TrainState, batch: dict, key: jax.Array):
+  def grads_of(params, frozen, batch: dict, key: jax.Array):
     batch = {k: v for k, v in batch.items() if k not in ('stats', 'bucket', 'labels', 'roles')}
     rows = batch['label_positions'].shape[0]
     batch['row_ids'] = jnp.arange(rows, dtype=jnp.int32)
@@ -78,15 +80,23 @@ def make_stage1_step(graphdef, tx: optax.GradientTransformation, cfg: Stage1Step
       denominator = has_labels.any(axis=1).sum()
     denominator = jnp.maximum(denominator, 1).astype(jnp.float32)
     micro = split_micro_batches(batch, cfg.micro_batches)
-    zeros = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), state.params)
+    zeros = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), params)
 
     def body(acc, mb):
-      (numerator, tokens), grads = grad_fn(state.params, state.frozen, mb, key)
+      (numerator, tokens), grads = grad_fn(params, frozen, mb, key)
       return (acc[0] + numerator, acc[1] + tokens, jax.tree.map(jnp.add, acc[2], grads)), None
 
     (numerator, tokens, grads), _ = jax.lax.scan(body, (jnp.zeros(()), jnp.zeros((), jnp.int32), zeros), micro)
-    loss = numerator / denominator
-    grads = jax.tree.map(lambda g: g / denominator, grads)
+    return numerator / denominator, tokens, jax.tree.map(lambda g: g / denominator, grads)
+
+  return grads_of
+
+
+def make_stage1_step(graphdef, tx: optax.GradientTransformation, cfg: Stage1StepConfig):
+  grads_of = make_stage1_grads(graphdef, cfg)
+
+  def step(state: TrainState, batch: dict, key: jax.Array):
+    loss, tokens, grads = grads_of(state.params, state.frozen, batch, key)
     grad_norm = optax.global_norm(grads)
     finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)

@@ -1,0 +1,76 @@
+"""Putting a train step together on a mesh: the split into trainable / frozen, dtypes, the
+shardings of the state (from the logical axis rules, without allocating), and the jitted step
+with a donated state."""
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+from coma_jax.parallel.rules import state_shardings
+from coma_jax.training.optim import OptimConfig, TrainableConfig, make_optimizer
+from coma_jax.training.state import TrainState, split_model
+
+
+def _cast(tree, dtype):
+  def one(x):
+    if not jnp.issubdtype(x.dtype, jnp.floating):
+      return x
+    if isinstance(x, jax.ShapeDtypeStruct):
+      return jax.ShapeDtypeStruct(x.shape, dtype, sharding=x.sharding)
+    return x.astype(dtype)
+  return jax.tree.map(one, tree)
+
+
+def _with_shardings(tree, shardings):
+  """Abstract leaves get their sharding; concrete ones are placed."""
+  def one(x, s):
+    if isinstance(x, jax.ShapeDtypeStruct):
+      return jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s)
+    return jax.device_put(x, s)
+  return jax.tree.map(one, tree, shardings)
+
+
+@dataclasses.dataclass
+class TrainSetup:
+  graphdef: Any
+  state: TrainState            # concrete and sharded, or abstract (ShapeDtypeStructs with shardings)
+  state_shardings: TrainState
+  step: Callable               # jitted (state, batch, key) -> (state, metrics), state donated
+  tx: Any
+  mesh: Mesh
+
+
+def build_train_setup(model: nnx.Module, mesh: Mesh, make_step: Callable, *, rules: dict,
+                      optim: OptimConfig, trainable: TrainableConfig, frozen_dtype=None,
+                      frozen_replicated: bool = False) -> TrainSetup:
+  """`model` may be concrete or abstract (`nnx.eval_shape`): then nothing is allocated."""
+  graphdef, params, frozen = split_model(model, trainable.filter())
+  params = _cast(params, jnp.float32)  # fp32 master copies of what trains
+  if frozen_dtype is not None:
+    frozen = _cast(frozen, frozen_dtype)
+  replicated = NamedSharding(mesh, P())
+  param_sh = state_shardings(params, rules, mesh)
+  frozen_sh = state_shardings(frozen, rules, mesh, replicate=frozen_replicated)
+  params, frozen = _with_shardings(params, param_sh), _with_shardings(frozen, frozen_sh)
+  tx = make_optimizer(optim)
+  abstract_params = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), params)
+  opt_sh = jax.jit(tx.init).lower(abstract_params).compile().output_shardings
+  # Leaves that do not follow a parameter (Adam's step count) come back on one device: replicate.
+  opt_sh = jax.tree.map(lambda s: s if isinstance(s, NamedSharding) and s.mesh == mesh else replicated, opt_sh)
+  shardings = TrainState(step=replicated, params=param_sh, frozen=frozen_sh, opt_state=opt_sh, skipped=replicated)
+  if all(isinstance(x, jax.ShapeDtypeStruct) for x in jax.tree.leaves(params)):
+    opt_state = jax.eval_shape(tx.init, abstract_params)
+    opt_state = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), opt_state, opt_sh)
+    scalar = jax.ShapeDtypeStruct((), jnp.int32, sharding=replicated)
+    state = TrainState(step=scalar, params=params, frozen=frozen, opt_state=opt_state, skipped=scalar)
+  else:
+    opt_state = jax.jit(tx.init, out_shardings=opt_sh)(params)
+    zero = lambda: jax.device_put(jnp.zeros((), jnp.int32), replicated)  # two buffers: both are donated
+    state = TrainState(step=zero(), params=params, frozen=frozen, opt_state=opt_state, skipped=zero())
+  step = jax.jit(make_step(graphdef, tx), out_shardings=(shardings, replicated), donate_argnums=0)
+  return TrainSetup(graphdef, state, shardings, step, tx, mesh)
