@@ -1,0 +1,78 @@
+"""Config (ml_collections) -> the objects of a run: model, adapters, trainable set, optimiser,
+step settings, mesh and rules. One place, shared by `train`, `plan` and the benchmarks."""
+from __future__ import annotations
+
+import jax.numpy as jnp
+from flax import nnx
+
+from coma_jax.data.batching import Bucket, parse_buckets
+from coma_jax.model.config import ModelConfig
+from coma_jax.model.lora import AdapterConfig, apply_adapters
+from coma_jax.model.qwen2_5_vl import Qwen25VL
+from coma_jax.parallel.rules import rules_dict
+from coma_jax.training.optim import OptimConfig, TrainableConfig
+from coma_jax.training.steps import Stage1StepConfig
+
+DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16}
+FIRST_COMPRESSION_ID = 151665  # the first id after the Qwen2.5-VL tokenizer's 151,665
+
+
+def model_config(c) -> ModelConfig:
+  m = c.model
+  if m.get('hf_dict'):
+    return ModelConfig.from_hf_dict(m.hf_dict.to_dict() if hasattr(m.hf_dict, 'to_dict') else dict(m.hf_dict))
+  if m.get('checkpoint'):
+    return ModelConfig.from_pretrained_dir(m.checkpoint)
+  if m.get('hf_config'):
+    return ModelConfig.from_json_file(m.hf_config)
+  raise ValueError('config.model needs one of hf_dict, checkpoint or hf_config')
+
+
+def adapter_config(c) -> AdapterConfig | None:
+  a = c.adapter
+  if a.kind == 'none':
+    return None
+  if a.kind not in ('lora', 'dora'):
+    raise ValueError(f'config.adapter.kind must be none, lora or dora, got {a.kind!r}')
+  return AdapterConfig(rank=a.rank, alpha=a.alpha, dropout=a.dropout, dora=a.kind == 'dora', targets=tuple(a.targets))
+
+
+def build_model(c, abstract: bool) -> Qwen25VL:
+  """The model with its adapters; abstract (nothing allocated) for planning."""
+  cfg = model_config(c)
+  m = c.model
+
+  def make():
+    model = Qwen25VL(cfg, dtype=DTYPES[m.dtype], param_dtype=jnp.float32, scan_layers=m.scan_layers,
+                     remat=m.remat, attention_impl=m.attention, rngs=nnx.Rngs(c.seed))
+    adapters = adapter_config(c)
+    if adapters is not None:
+      apply_adapters(model, adapters, nnx.Rngs(c.seed + 1))
+    return model
+  return nnx.eval_shape(make) if abstract else make()
+
+
+def trainable_config(c) -> TrainableConfig:
+  return TrainableConfig(embeddings=c.trainable.embeddings, vision=c.trainable.vision, full=c.trainable.full)
+
+
+def optim_config(c) -> OptimConfig:
+  o = c.optim
+  return OptimConfig(learning_rate=o.learning_rate, warmup_ratio=o.warmup_ratio, total_steps=o.total_steps,
+                     weight_decay=o.weight_decay, clip_norm=o.clip_norm)
+
+
+def stage1_step_config(c) -> Stage1StepConfig:
+  s = c.stage1
+  return Stage1StepConfig(mask=s.mask, normalisation=s.normalisation, micro_batches=s.micro_batches,
+                          loss_chunk=s.loss_chunk, attention_impl=c.model.attention,
+                          first_trainable_embedding_row=FIRST_COMPRESSION_ID
+                          if c.trainable.embeddings == 'new_tokens_only' else None)
+
+
+def buckets(c) -> tuple[Bucket, ...]:
+  return parse_buckets([tuple(b) for b in c.data.buckets])
+
+
+def rules(c) -> dict:
+  return rules_dict([tuple(r) for r in c.mesh.rules])

@@ -1,0 +1,41 @@
+"""The CoMa reference recipe (paper + released code), as an ml_collections config.
+
+Use through a model file (coma_3b.py, coma_7b.py, demo.py): `--config configs/coma_3b.py:stage1`.
+Overrides: `--config.optim.learning_rate=1e-4`.
+"""
+import ml_collections
+
+
+def get_config(variant: str = 'stage1') -> ml_collections.ConfigDict:
+  if variant not in ('stage1', 'stage2'):
+    raise ValueError(f'variant must be stage1 or stage2, got {variant!r}')
+  c = ml_collections.ConfigDict()
+  c.stage = variant
+  c.seed = 0
+  c.model = dict(
+      hf_config='',          # a config.json (planning) ...
+      checkpoint='',         # ... or a local transformers checkpoint directory (training)
+      dtype='bfloat16',      # compute
+      frozen_dtype='bfloat16',  # frozen base weights: no fp32 master copy, no optimizer state
+      scan_layers=True,
+      remat='full',          # none | full | save_dots | projections
+      attention='xla',
+  )
+  c.mesh = dict(shape=(-1, 1, 1), rules=(), frozen_replicated=False)
+  c.adapter = dict(kind='dora', rank=16, alpha=64.0, dropout=0.1,
+                   targets=('text.q_proj', 'text.k_proj', 'text.v_proj', 'text.o_proj'))
+  c.trainable = dict(embeddings='all', vision=False, full=False)
+  c.optim = dict(learning_rate=5e-5, warmup_ratio=0.05, total_steps=867, weight_decay=0.0, clip_norm=1.0)
+  c.stage1 = dict(mask='paper', label_mode='answers', multi_turn=True, normalisation='example_mean',
+                  num_compression_tokens=32, micro_batches=32, loss_chunk=512)
+  c.data = dict(
+      data_dir='', global_batch=256, examples_per_group=1, num_workers=4,
+      min_pixels=28 * 28 * 256, max_pixels=28 * 28 * 1024,
+      # (seq_len, vision_slots, label_slots): 256-1024 visual tokens, up to 8192 tokens.
+      buckets=((2048, 4608, 1024), (4096, 4608, 2048), (8192, 9216, 4096)),
+  )
+  if variant == 'stage2':
+    c.optim.total_steps = 1500
+    c.data.global_batch = 1024
+    c.data.buckets = ((1024, 4608, 0), (2048, 4608, 0))
+  return c
