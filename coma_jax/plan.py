@@ -54,7 +54,6 @@ def main(argv=None):
   argv = sys.argv if argv is None else argv
   n_devices = _set_fake_devices(argv)
   import jax
-  import jax.numpy as jnp
   from absl import app, flags
   from ml_collections import config_flags
 

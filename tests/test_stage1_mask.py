@@ -1,7 +1,6 @@
 """The stage-1 compression mask: decomposition == explicit mask, key/value substitution, and the
 causal mode's loss equal to transformers' own loss."""
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch

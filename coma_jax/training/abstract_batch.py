@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from coma_jax.data.batching import Bucket
 from coma_jax.model.config import ModelConfig

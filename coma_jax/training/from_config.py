@@ -65,7 +65,8 @@ def optim_config(c) -> OptimConfig:
 def stage1_step_config(c) -> Stage1StepConfig:
   s = c.stage1
   return Stage1StepConfig(mask=s.mask, normalisation=s.normalisation, micro_batches=s.micro_batches,
-                          loss_chunk=s.loss_chunk, attention_impl=c.model.attention,
+                          loss_chunk=s.loss_chunk, loss_remat=c.model.remat != 'none',
+                          attention_impl=c.model.attention,
                           first_trainable_embedding_row=FIRST_COMPRESSION_ID
                           if c.trainable.embeddings == 'new_tokens_only' else None)
 

@@ -12,22 +12,25 @@ import jax.numpy as jnp
 NORMALISATIONS = ('example_mean', 'token_mean')
 
 
-def chunked_token_nll(hidden: jax.Array, targets: jax.Array, head, chunk: int) -> jax.Array:
-  """hidden (N, D), targets (N,) (-1 = none) -> per-position NLL (N,) fp32, 0 where none."""
+def chunked_token_nll(hidden: jax.Array, targets: jax.Array, head, chunk: int, remat: bool = True) -> jax.Array:
+  """hidden (N, D), targets (N,) (-1 = none) -> per-position NLL (N,) fp32, 0 where none.
+
+  With `remat`, each chunk's logits are recomputed in the backward pass instead of kept: memory
+  for one chunk of (chunk x vocab) logits, at the cost of one more head matmul.
+  """
   n, d = hidden.shape
   chunk = min(chunk, n)
   pad = (-n) % chunk
   h = jnp.pad(hidden, ((0, pad), (0, 0))).reshape(-1, chunk, d)
   t = jnp.pad(targets, (0, pad), constant_values=-1).reshape(-1, chunk)
 
-  @jax.checkpoint
   def one(args):
     hc, tc = args
     logits = head(hc).astype(jnp.float32)
     logz = jax.nn.logsumexp(logits, axis=-1)
     picked = jnp.take_along_axis(logits, jnp.maximum(tc, 0)[:, None], axis=-1)[:, 0]
     return jnp.where(tc >= 0, logz - picked, 0.0)
-  return jax.lax.map(one, (h, t)).reshape(-1)[:n]
+  return jax.lax.map(jax.checkpoint(one) if remat else one, (h, t)).reshape(-1)[:n]
 
 
 def gather_positions(hidden: jax.Array, positions: jax.Array) -> jax.Array:
@@ -36,7 +39,7 @@ def gather_positions(hidden: jax.Array, positions: jax.Array) -> jax.Array:
 
 
 def stage1_loss_terms(model, hidden: jax.Array, label_positions: jax.Array, label_targets: jax.Array,
-                      normalisation: str, chunk: int = 512):
+                      normalisation: str, chunk: int = 512, remat: bool = True):
   """(numerator, denominator, token count) of the batch's CE under the chosen normalisation.
 
   example_mean (the reference): the mean over examples of each example's mean token loss;
@@ -47,7 +50,7 @@ def stage1_loss_terms(model, hidden: jax.Array, label_positions: jax.Array, labe
   b, p = label_positions.shape
   mask = label_positions >= 0
   h = gather_positions(hidden, label_positions).reshape(b * p, -1)
-  nll = chunked_token_nll(h, jnp.where(mask, label_targets, -1).reshape(-1), model.logits, chunk).reshape(b, p)
+  nll = chunked_token_nll(h, jnp.where(mask, label_targets, -1).reshape(-1), model.logits, chunk, remat).reshape(b, p)
   per_example = nll.sum(axis=1)
   count = mask.sum(axis=1)
   if normalisation == 'token_mean':

@@ -28,6 +28,7 @@ class Stage1StepConfig:
   normalisation: str = 'example_mean'
   micro_batches: int = 1
   loss_chunk: int = 512
+  loss_remat: bool = True  # recompute each chunk's logits in the backward pass (memory for time)
   attention_impl: str = 'xla'
   first_trainable_embedding_row: int | None = None  # set for embeddings='new_tokens_only'
 
@@ -64,7 +65,7 @@ def make_stage1_grads(graphdef, cfg: Stage1StepConfig):
     ctx = DropoutContext.for_rows(key, mb['row_ids'])
     hidden = model.hidden_states(mb['inputs'], stage1_attend(cfg.mask, mb, cfg.attention_impl), ctx)
     numerator, _, tokens = stage1_loss_terms(model, hidden, mb['label_positions'], mb['label_targets'],
-                                             cfg.normalisation, cfg.loss_chunk)
+                                             cfg.normalisation, cfg.loss_chunk, cfg.loss_remat)
     return numerator, tokens
 
   grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
