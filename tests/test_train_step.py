@@ -67,7 +67,8 @@ def test_meshes_agree_with_one_device(data):
 def test_accumulation_remat_and_scan_agree(data):
   loss1, grads1, _ = grads_on((1, 1, 1), data)
   for cfg, kw in [(Stage1StepConfig(micro_batches=4), {}), (Stage1StepConfig(), {'remat': 'full'}),
-                  (Stage1StepConfig(), {'remat': 'save_dots'}), (Stage1StepConfig(), {'scan_layers': False})]:
+                  (Stage1StepConfig(), {'remat': 'save_dots'}), (Stage1StepConfig(), {'remat': 'projections'}),
+                  (Stage1StepConfig(), {'scan_layers': False})]:
     loss, grads, _ = grads_on((1, 1, 1), data, cfg, **kw)
     assert abs(loss - loss1) <= 1e-5 * abs(loss1) and max_rel(grads, grads1) <= 1e-4, (cfg, kw)
 
@@ -102,3 +103,43 @@ def test_compiles_are_bounded_by_buckets(data):
     b, _ = batch(model.config, seed=i, rows=8, bucket=buckets[i % 2])
     state, _ = setup.step(state, place(b, mesh), KEY)
   assert setup.step._cache_size() == len(buckets)
+
+
+def test_indivisible_dims_replicate_and_frozen_options():
+  import os
+  from coma_jax.model import ModelConfig, Qwen25VL
+  from coma_jax.parallel.rules import head_units, state_shardings
+  cfg = ModelConfig.from_json_file(os.path.join(os.path.dirname(__file__), '..', 'coma_jax', 'model', 'hf_configs',
+                                                'qwen2_5_vl_7b.json'))
+  abstract = nnx.eval_shape(lambda: Qwen25VL(cfg, rngs=nnx.Rngs(0)))
+  mesh = make_mesh((1, 1, 8))
+  sh = state_shardings(nnx.state(abstract, nnx.Param), rules_dict(()), mesh, units=head_units(cfg))
+  spec = lambda *path: sh[path[0]][path[1]][path[2]][path[3]]['kernel'].value.spec
+  P = jax.sharding.PartitionSpec
+  assert spec('decoder', 'layers', 'self_attn', 'k_proj') == P(None, None, None)  # 4 KV heads, tensor 8
+  assert spec('decoder', 'layers', 'self_attn', 'q_proj') == P(None, None, None)  # 28 heads, tensor 8
+  assert spec('decoder', 'layers', 'mlp', 'gate_proj') == P(None, None, 'tensor')  # 18944 = 8 x 2368
+  assert spec('visual', 'blocks', 'mlp', 'gate_proj') == P(None, None, None)  # 3420 is not a multiple of 8
+  # Frozen weights in bf16, replicated: no fp32 copy, no optimizer state, no sharding.
+  model = nnx.eval_shape(fresh_model)
+  setup = build_train_setup(model, make_mesh((2, 4, 1)), lambda g, tx: make_stage1_step(g, tx, Stage1StepConfig()),
+                            rules=rules_dict(()), optim=OptimConfig(), trainable=TrainableConfig(),
+                            frozen_dtype=jnp.bfloat16, frozen_replicated=True)
+  frozen = jax.tree.leaves(setup.state.frozen)
+  assert all(x.dtype == jnp.bfloat16 and x.sharding.spec == P() for x in frozen)
+  assert all(x.dtype == jnp.float32 for x in jax.tree.leaves(setup.state.params))
+  n_opt = sum(x.size for x in jax.tree.leaves(setup.state.opt_state))
+  n_train = sum(x.size for x in jax.tree.leaves(setup.state.params))
+  assert n_opt <= 2 * n_train + 8  # Adam moments of the trainable params only
+
+
+def test_parameters_are_created_sharded():
+  from coma_jax.training.build import create_sharded
+  from tests.tiny_models import hf_config
+  from coma_jax.model import ModelConfig, Qwen25VL
+  cfg = ModelConfig.from_hf_dict(hf_config('tied_gqa2_win56').to_dict())
+  mesh = make_mesh((1, 2, 4))
+  model = create_sharded(lambda: Qwen25VL(cfg, rngs=nnx.Rngs(0)), mesh, rules_dict(()))
+  kernel = model.decoder.layers.mlp.gate_proj.kernel.value
+  assert kernel.sharding.spec == jax.sharding.PartitionSpec(None, 'fsdp', 'tensor')
+  assert len({s.device for s in kernel.addressable_shards}) == 8

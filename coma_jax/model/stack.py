@@ -10,10 +10,16 @@ from typing import Any, Callable
 import jax
 from flax import nnx
 
+# Projection outputs are tagged with their hook name (`layers.Linear`), so a policy can keep them.
+PROJECTION_NAMES = tuple(f'{tower}.{p}' for tower, ps in (
+    ('text', ('q_proj', 'k_proj', 'v_proj', 'o_proj', 'gate_proj', 'up_proj', 'down_proj')),
+    ('vision', ('qkv', 'proj', 'gate_proj', 'up_proj', 'down_proj'))) for p in ps)
+
 REMAT_POLICIES = {
     'none': None,
     'full': jax.checkpoint_policies.nothing_saveable,
     'save_dots': jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+    'projections': jax.checkpoint_policies.save_only_these_names(*PROJECTION_NAMES),
 }
 
 

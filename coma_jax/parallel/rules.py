@@ -31,14 +31,18 @@ DEFAULT_RULES: tuple[tuple[str, str | tuple[str, ...] | None], ...] = (
 )
 
 
-def mesh_axes_for(names: Sequence[str | None], shape: Sequence[int], rules: Mapping, mesh: Mesh) -> P:
+def mesh_axes_for(names: Sequence[str | None], shape: Sequence[int], rules: Mapping, mesh: Mesh,
+                  units: Mapping[str, int] | None = None) -> P:
+  """`units`: the size of one indivisible unit of a logical axis (a head: head_dim), so that
+  e.g. 4 KV heads are not split 8 ways even though 4 x 128 divides by 8."""
   used, spec = set(), []
   for name, size in zip(names, shape):
     axes = rules.get(name) if name is not None else None
     axes = () if axes is None else (axes,) if isinstance(axes, str) else tuple(axes)
     axes = tuple(a for a in axes if a not in used and mesh.shape.get(a, 1) > 1)
     total = int(np.prod([mesh.shape[a] for a in axes])) if axes else 1
-    if not axes or size % total:
+    unit = (units or {}).get(name, 1)
+    if not axes or size % unit or (size // unit) % total:
       spec.append(None)  # indivisible: replicate
       continue
     used.update(axes)
@@ -46,12 +50,17 @@ def mesh_axes_for(names: Sequence[str | None], shape: Sequence[int], rules: Mapp
   return P(*spec)
 
 
-def state_shardings(state, rules: Mapping, mesh: Mesh, replicate: bool = False):
+def head_units(model_config) -> dict[str, int]:
+  return {'heads': model_config.text.head_dim, 'kv_heads': model_config.text.head_dim,
+          'vision_heads': model_config.vision.head_dim}
+
+
+def state_shardings(state, rules: Mapping, mesh: Mesh, replicate: bool = False, units=None):
   """The state's structure with a NamedSharding as each value, from the logical axis metadata.
   Works on abstract states (`nnx.eval_shape`): nothing is allocated."""
   def one(var):
     names = var.get_metadata().get('out_sharding') or (None,) * len(var.shape)
-    spec = P() if replicate else mesh_axes_for(names, var.shape, rules, mesh)
+    spec = P() if replicate else mesh_axes_for(names, var.shape, rules, mesh, units)
     return var.replace(NamedSharding(mesh, spec))
   return jax.tree.map(one, state, is_leaf=lambda x: isinstance(x, nnx.Variable))
 

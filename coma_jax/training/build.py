@@ -11,7 +11,7 @@ import jax.numpy as jnp
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from coma_jax.parallel.rules import state_shardings
+from coma_jax.parallel.rules import head_units, state_shardings
 from coma_jax.training.optim import OptimConfig, TrainableConfig, make_optimizer
 from coma_jax.training.state import TrainState, split_model
 
@@ -54,8 +54,9 @@ def build_train_setup(model: nnx.Module, mesh: Mesh, make_step: Callable, *, rul
   if frozen_dtype is not None:
     frozen = _cast(frozen, frozen_dtype)
   replicated = NamedSharding(mesh, P())
-  param_sh = state_shardings(params, rules, mesh)
-  frozen_sh = state_shardings(frozen, rules, mesh, replicate=frozen_replicated)
+  units = head_units(model.config)
+  param_sh = state_shardings(params, rules, mesh, units=units)
+  frozen_sh = state_shardings(frozen, rules, mesh, replicate=frozen_replicated, units=units)
   params, frozen = _with_shardings(params, param_sh), _with_shardings(frozen, frozen_sh)
   tx = make_optimizer(optim)
   abstract_params = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), params)
@@ -74,3 +75,13 @@ def build_train_setup(model: nnx.Module, mesh: Mesh, make_step: Callable, *, rul
     state = TrainState(step=zero(), params=params, frozen=frozen, opt_state=opt_state, skipped=zero())
   step = jax.jit(make_step(graphdef, tx), out_shardings=(shardings, replicated), donate_argnums=0)
   return TrainSetup(graphdef, state, shardings, step, tx, mesh)
+
+
+def create_sharded(make_model: Callable[[], nnx.Module], mesh: Mesh, rules: dict) -> nnx.Module:
+  """A freshly initialised model whose parameters are created directly in their shardings
+  (initialisers run under jit with out_shardings: no unsharded copy ever exists)."""
+  abstract = nnx.eval_shape(make_model)
+  graphdef, abstract_state = nnx.split(abstract)
+  shardings = state_shardings(abstract_state, rules, mesh, units=head_units(abstract.config))
+  state = jax.jit(lambda: nnx.split(make_model())[1], out_shardings=shardings)()
+  return nnx.merge(graphdef, state)
