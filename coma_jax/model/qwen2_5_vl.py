@@ -32,12 +32,13 @@ class Qwen25VL(nnx.Module):
         t.hidden_size, t.vocab_size, axes=('embed', 'vocab'), hook='lm_head', use_bias=False,
         dtype=dtype, param_dtype=param_dtype, rngs=rngs)
 
-  def embed(self, inputs: ModelInputs) -> jax.Array:
-    """Token embeddings with the merged vision tokens placed at their placeholders."""
+  def embed(self, inputs: ModelInputs, vision: jax.Array | None = None) -> jax.Array:
+    """Token embeddings with the merged vision tokens placed at their placeholders. `vision`:
+    precomputed `self.visual(inputs)` (a frozen tower's output reused), else computed here."""
     x = self.embed_tokens(inputs.input_ids)
     if not inputs.has_vision:
       return x
-    vision = self.visual(inputs).astype(x.dtype)  # (G, N/u, D), raster order per group
+    vision = (self.visual(inputs) if vision is None else vision).astype(x.dtype)  # (G, N/u, D)
     groups = vision.shape[0]
     index = inputs.vision_token_index.reshape(groups, -1)  # each group's rows, flattened
     picked = jax.vmap(lambda v, i: gather_units(v, i, 1))(vision, index).reshape(x.shape)
@@ -49,10 +50,11 @@ class Qwen25VL(nnx.Module):
     return lambda layer, q, k, v: attention(q, k, v, q_segment_ids=seg, kv_segment_ids=seg,
                                             causal=True, impl=self.attention_impl)
 
-  def hidden_states(self, inputs: ModelInputs, attend: Attend | None = None, ctx=None) -> jax.Array:
+  def hidden_states(self, inputs: ModelInputs, attend: Attend | None = None, ctx=None,
+                    vision: jax.Array | None = None) -> jax.Array:
     """Final-norm hidden states (B, L, D). `ctx`: adapter dropout keys (None: deterministic)."""
     t = self.config.text
-    x = self.embed(inputs)
+    x = self.embed(inputs, vision)
     cos, sin = mrope_cos_sin(inputs.positions, t.head_dim, t.rope_theta, t.mrope_section)
     return self.decoder(x, cos, sin, attend or self.causal_attend(inputs), ctx)
 

@@ -33,11 +33,13 @@ class Stage1StepConfig:
   first_trainable_embedding_row: int | None = None  # set for embeddings='new_tokens_only'
 
 
-def split_micro_batches(batch: dict, num_micro: int) -> dict:
-  """Leading micro-batch axis: micro m holds vision groups m, m+M, ... and their rows."""
+def split_micro_batches(batch: dict, num_micro: int, groups: int | None = None) -> dict:
+  """Leading micro-batch axis: micro m holds vision groups m, m+M, ... and their rows (so each
+  micro-batch stays spread over the data-sharded devices). `groups` defaults to the batch's."""
   inputs = batch['inputs']
   rows = inputs.input_ids.shape[0]
-  groups = inputs.pixel_patches.shape[0] if inputs.pixel_patches is not None else rows
+  if groups is None:
+    groups = inputs.pixel_patches.shape[0] if inputs.pixel_patches is not None else rows
   if groups % num_micro or rows % groups:
     raise ValueError(f'{groups} vision groups of {rows} rows do not split into {num_micro} micro-batches')
 
@@ -50,6 +52,14 @@ def split_micro_batches(batch: dict, num_micro: int) -> dict:
     x = jnp.moveaxis(x, axis + 1, 0)
     return x.reshape(x.shape[:axis + 1] + (n // num_micro,) + x.shape[axis + 3:])
   return jax.tree_util.tree_map_with_path(split, batch)
+
+
+def merge_micro_batches(x: jax.Array, groups: int, num_micro: int) -> jax.Array:
+  """The inverse of `split_micro_batches` for a per-row array (M, B/M, ...) -> (B, ...)."""
+  m, per_micro = x.shape[:2]
+  per_group = per_micro * m // groups
+  x = x.reshape((m, groups // m, per_group) + x.shape[2:])
+  return jnp.moveaxis(x, 0, 1).reshape((m * per_micro,) + x.shape[3:])
 
 
 def _is_embedding(path) -> bool:
@@ -93,27 +103,32 @@ def make_stage1_grads(graphdef, cfg: Stage1StepConfig):
   return grads_of
 
 
+def apply_gradients(state: TrainState, loss, grads, tx: optax.GradientTransformation,
+                    first_trainable_embedding_row: int | None = None):
+  """The optimiser update, skipped (and counted) when the loss or a gradient is not finite."""
+  grad_norm = optax.global_norm(grads)
+  finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+  updates, opt_state = tx.update(grads, state.opt_state, state.params)
+  if first_trainable_embedding_row is not None:
+    def mask_rows(path, u):
+      if not _is_embedding(path):
+        return u
+      return u * (jnp.arange(u.shape[0]) >= first_trainable_embedding_row)[:, None].astype(u.dtype)
+    updates = jax.tree_util.tree_map_with_path(mask_rows, updates)
+  params = optax.apply_updates(state.params, updates)
+  keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, old)
+  new_state = TrainState(step=state.step + finite.astype(jnp.int32), params=keep(params, state.params),
+                         frozen=state.frozen, opt_state=keep(opt_state, state.opt_state),
+                         skipped=state.skipped + (~finite).astype(jnp.int32))
+  return new_state, {'loss': loss, 'grad_norm': grad_norm, 'skipped': new_state.skipped, 'finite': finite}
+
+
 def make_stage1_step(graphdef, tx: optax.GradientTransformation, cfg: Stage1StepConfig):
   grads_of = make_stage1_grads(graphdef, cfg)
 
   def step(state: TrainState, batch: dict, key: jax.Array):
     loss, tokens, grads = grads_of(state.params, state.frozen, batch, key)
-    grad_norm = optax.global_norm(grads)
-    finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
-    updates, opt_state = tx.update(grads, state.opt_state, state.params)
-    if cfg.first_trainable_embedding_row is not None:
-      def mask_rows(path, u):
-        if not _is_embedding(path):
-          return u
-        return u * (jnp.arange(u.shape[0]) >= cfg.first_trainable_embedding_row)[:, None].astype(u.dtype)
-      updates = jax.tree_util.tree_map_with_path(mask_rows, updates)
-    params = optax.apply_updates(state.params, updates)
-    keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, old)
-    new_state = TrainState(step=state.step + finite.astype(jnp.int32), params=keep(params, state.params),
-                           frozen=state.frozen, opt_state=keep(opt_state, state.opt_state),
-                           skipped=state.skipped + (~finite).astype(jnp.int32))
-    metrics = {'loss': loss, 'grad_norm': grad_norm, 'tokens': tokens, 'skipped': new_state.skipped,
-               'finite': finite}
-    return new_state, metrics
+    new_state, metrics = apply_gradients(state, loss, grads, tx, cfg.first_trainable_embedding_row)
+    return new_state, dict(metrics, tokens=tokens)
 
   return step
