@@ -27,9 +27,11 @@ def _set_fake_devices(argv) -> int:
   return n
 
 
-def analytic_flops(cfg, batch: int, seq_len: int, vision_patches: int, mask: str, remat: str) -> dict:
-  """Matmul FLOPs of one stage-1 step (2 per multiply-add). Frozen weights need input gradients
-  only (x2 of forward); trainable adapters add little. Attention counts both paper-mode calls."""
+def analytic_flops(cfg, batch: int, seq_len: int, vision_patches: int, mask: str, remat: str,
+                   grad_cache: bool = False) -> dict:
+  """Matmul FLOPs of one step (2 per multiply-add) over `batch` sequences. Frozen weights need
+  input gradients only (x2 of forward); trainable adapters add little. Attention counts both
+  paper-mode calls. GradCache adds one more forward of the LLM (pass 1)."""
   t, v = cfg.text, cfg.vision
   text_params = t.num_hidden_layers * (t.hidden_size * (t.num_attention_heads + 2 * t.num_key_value_heads) * t.head_dim
                                        + t.num_attention_heads * t.head_dim * t.hidden_size
@@ -43,7 +45,8 @@ def analytic_flops(cfg, batch: int, seq_len: int, vision_patches: int, mask: str
   forward = text_fwd + attn_fwd + vision_fwd
   text_backward = 2 * (text_fwd + attn_fwd)  # input grads through the frozen LLM (vision frozen: none)
   recompute = text_fwd + attn_fwd if remat == 'full' else 0
-  return {'forward': forward, 'step': forward + text_backward + recompute}
+  extra_forward = text_fwd + attn_fwd if grad_cache else 0
+  return {'forward': forward, 'step': forward + text_backward + recompute + extra_forward}
 
 
 def patch_params(v) -> int:
@@ -59,8 +62,9 @@ def main(argv=None):
 
   from coma_jax.parallel.mesh import make_mesh
   from coma_jax.training import from_config
-  from coma_jax.training.abstract_batch import abstract_stage1_batch
+  from coma_jax.training.abstract_batch import abstract_stage1_batch, abstract_stage2_batch
   from coma_jax.training.build import build_train_setup
+  from coma_jax.training.stage2 import make_stage2_step
   from coma_jax.training.steps import make_stage1_step
 
   config = config_flags.DEFINE_config_file('config', None, 'config file[:variant]')
@@ -72,28 +76,42 @@ def main(argv=None):
     model = from_config.build_model(c, abstract=True)
     mesh = make_mesh(tuple(c.mesh.shape), jax.devices()[:n_devices])
     rules = from_config.rules(c)
-    step_cfg = from_config.stage1_step_config(c)
-    setup = build_train_setup(model, mesh, lambda g, tx: make_stage1_step(g, tx, step_cfg), rules=rules,
+    stage2 = c.stage == 'stage2'
+    if stage2:
+      step_cfg = from_config.stage2_step_config(c)
+      make_step = lambda g, tx: make_stage2_step(g, tx, step_cfg)
+    else:
+      step_cfg = from_config.stage1_step_config(c)
+      make_step = lambda g, tx: make_stage1_step(g, tx, step_cfg)
+    setup = build_train_setup(model, mesh, make_step, rules=rules,
                               optim=from_config.optim_config(c), trainable=from_config.trainable_config(c),
                               frozen_dtype=from_config.DTYPES[c.model.frozen_dtype],
                               frozen_replicated=c.mesh.frozen_replicated)
     bucket = from_config.buckets(c)[flags.FLAGS.bucket]
-    batch = abstract_stage1_batch(model.config, c.data.global_batch, bucket, c.stage1.num_compression_tokens,
-                                  mesh, rules)
+    if stage2:
+      sides = ('query', 'positive', 'negative') if c.stage2.hard_negatives else ('query', 'positive')
+      batch = abstract_stage2_batch(model.config, c.data.global_batch, bucket, c.stage1.num_compression_tokens,
+                                    mesh, rules, sides)
+    else:
+      batch = abstract_stage1_batch(model.config, c.data.global_batch, bucket, c.stage1.num_compression_tokens,
+                                    mesh, rules)
     key = jax.ShapeDtypeStruct((), jax.random.key(0).dtype)
     compiled = setup.step.lower(setup.state, batch, key).compile()
     mem = compiled.memory_analysis()
     cost = compiled.cost_analysis() or {}
     cost = cost[0] if isinstance(cost, list) else cost
-    flops = analytic_flops(model.config, c.data.global_batch, bucket.seq_len, bucket.vision_slots,
-                           c.stage1.mask, c.model.remat)
+    flops = analytic_flops(model.config, c.data.global_batch * (len(batch) if stage2 else 1), bucket.seq_len,
+                           bucket.vision_slots, 'causal' if stage2 else c.stage1.mask, c.model.remat,
+                           grad_cache=stage2 and c.stage2.chunks > 1)
     n_params = sum(x.size for x in jax.tree.leaves(setup.state.params))
     n_frozen = sum(x.size for x in jax.tree.leaves(setup.state.frozen))
     gib = lambda b: b / 2**30
     print(f'plan: {c.stage} {os.path.basename(str(c.model.hf_config or "inline config"))} on mesh '
           f'{dict(mesh.shape)} ({n_devices} fake CPU devices)')
-    print(f'  global batch {c.data.global_batch} x bucket {bucket} in {c.stage1.micro_batches} micro-batches; '
-          f'mask {c.stage1.mask}; remat {c.model.remat}; compute {c.model.dtype}, frozen {c.model.frozen_dtype}')
+    split = (f'GradCache {c.stage2.chunks} chunks of {c.data.global_batch // c.stage2.chunks} per side'
+             if stage2 else f'{c.stage1.micro_batches} micro-batches; mask {c.stage1.mask}')
+    print(f'  global batch {c.data.global_batch} x bucket {bucket}, {split}; remat {c.model.remat}; '
+          f'compute {c.model.dtype}, frozen {c.model.frozen_dtype}')
     print(f'  params: trainable {n_params:,} (fp32 + Adam), frozen {n_frozen:,}')
     print(f'  per-device memory: arguments {gib(mem.argument_size_in_bytes):.2f} GiB, outputs '
           f'{gib(mem.output_size_in_bytes):.2f} GiB (aliased {gib(mem.alias_size_in_bytes):.2f}), temp '

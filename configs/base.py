@@ -34,6 +34,9 @@ def get_config(variant: str = 'stage1') -> ml_collections.ConfigDict:
       # (seq_len, vision_slots, label_slots): 256-1024 visual tokens, up to 8192 tokens.
       buckets=((2048, 4608, 1024), (4096, 4608, 2048), (8192, 9216, 4096)),
   )
+  c.stage2 = dict(temperature=0.03, bidirectional=False, hard_negatives=False,
+                  chunks=16,  # GradCache chunks of the global batch (1 = no GradCache)
+                  reuse_frozen_vision=True)
   if variant == 'stage2':
     c.optim.total_steps = 1500
     c.data.global_batch = 1024

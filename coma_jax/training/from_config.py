@@ -77,3 +77,13 @@ def buckets(c) -> tuple[Bucket, ...]:
 
 def rules(c) -> dict:
   return rules_dict([tuple(r) for r in c.mesh.rules])
+
+
+def stage2_step_config(c):
+  from coma_jax.training.stage2 import Stage2StepConfig
+  s = c.stage2
+  return Stage2StepConfig(temperature=s.temperature, bidirectional=s.bidirectional, hard_negatives=s.hard_negatives,
+                          chunks=s.chunks, reuse_frozen_vision=s.reuse_frozen_vision,
+                          attention_impl=c.model.attention,
+                          first_trainable_embedding_row=FIRST_COMPRESSION_ID
+                          if c.trainable.embeddings == 'new_tokens_only' else None)
