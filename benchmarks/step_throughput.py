@@ -1,8 +1,11 @@
-"""Stage-1 train-step throughput: coma_jax against transformers + peft + torch, on the same CPU,
-in one run, with the same model, batch and trainable set (DoRA r16 a64 on q/k/v/o, all embedding
-rows, frozen vision tower).
+"""Train-step throughput: coma_jax against transformers + peft + torch, on the same CPU, in one
+run, with the same model, batch and trainable set (DoRA r16 a64 on q/k/v/o, all embedding rows,
+frozen vision tower).
 
-  python benchmarks/step_throughput.py --stage 1 [--steps 5] [--batch 8] [--length 256]
+  python benchmarks/step_throughput.py --stage 1|2 [--steps 5] [--batch 8] [--length 256] [--chunks 2]
+
+Stage 2: query (224 px image + text) and positive (text) sides of `length` tokens, InfoNCE over the
+batch, GradCache in `chunks` chunks on both sides (torch: the reference's two-pass GradCache).
 
 Model: hidden 256, 4 LLM layers, 4 vision blocks, the real 151,936-row vocabulary, 224 px images.
 Two torch baselines:
@@ -119,9 +122,114 @@ def torch_step_time(hf_dir, examples, batch, steps, equal_work: bool):
   return time_it(run, steps)
 
 
+def build_pairs(batch: int, length: int, seed: int = 1):
+  """Query: 224 px image + text + 32 compression tokens; positive: text + 32 compression tokens."""
+  from coma_jax.data.image import ImageSettings, ResizedImage
+  from coma_jax.data.sequences import IGNORE, Example
+  rng = np.random.default_rng(seed)
+  comp = list(range(151665, 151697))
+  sides = {'query': [], 'positive': []}
+  for i in range(batch):
+    img = ResizedImage(rng.integers(0, 256, (224, 224, 3)).astype(np.uint8), ImageSettings())
+    q = [151652] + [151655] * 64 + [151653]
+    q += list(rng.integers(0, 151643, length - len(q) - 32 - int(rng.integers(0, 24))))
+    p = list(rng.integers(0, 151643, length - 32 - int(rng.integers(0, 24))))
+    for name, toks, images in (('query', q, [img]), ('positive', p, [])):
+      tokens = np.array(toks + comp, np.int32)
+      roles = np.array([1] * len(toks) + [2] * 32, np.int8)
+      sides[name].append(Example(f'{name}{i}', tokens, roles, np.full(len(tokens), IGNORE, np.int32), images,
+                                 [im.grid for im in images]))
+  return sides
+
+
+def jax_stage2_time(hf_dir, pairs, length, steps, chunks):
+  import jax
+  from flax import nnx
+  from coma_jax.data.batching import Bucket, collate
+  from coma_jax.hf import load_pretrained
+  from coma_jax.model.lora import AdapterConfig, apply_adapters
+  from coma_jax.parallel.mesh import make_mesh
+  from coma_jax.parallel.rules import rules_dict
+  from coma_jax.training.build import build_train_setup
+  from coma_jax.training.optim import OptimConfig, TrainableConfig
+  from coma_jax.training.stage2 import Stage2StepConfig, make_stage2_step
+  model = load_pretrained(hf_dir)
+  apply_adapters(model, AdapterConfig(rank=16, alpha=64, dropout=0.1), nnx.Rngs(0))
+  batch = {s: collate(ex, model.config, Bucket(length, 256, 0), 1, 32) for s, ex in pairs.items()}
+  cfg = Stage2StepConfig(chunks=chunks)
+  setup = build_train_setup(model, make_mesh((1, 1, 1), jax.devices()[:1]), lambda g, tx: make_stage2_step(g, tx, cfg),
+                            rules=rules_dict(()), optim=OptimConfig(total_steps=100), trainable=TrainableConfig())
+  placed = jax.device_put({s: {k: v for k, v in b.items() if k != 'stats'} for s, b in batch.items()})
+  holder = {'state': setup.state}
+
+  def run():
+    holder['state'], metrics = setup.step(holder['state'], placed, jax.random.key(0))
+    jax.block_until_ready(metrics['loss'])
+  return time_it(run, steps), batch
+
+
+def torch_stage2_time(hf_dir, pairs, batch, steps, chunks, full_logits: bool):
+  """The reference's two-pass GradCache: representations without grad, their gradient from the
+  loss, then a chunked forward with grad and backward(rep_grad)."""
+  import torch
+  import torch.nn.functional as F
+  from peft import LoraConfig, get_peft_model
+  from transformers import Qwen2_5_VLForConditionalGeneration
+  model = Qwen2_5_VLForConditionalGeneration.from_pretrained(hf_dir, dtype=torch.float32)
+  model.config._attn_implementation = 'sdpa'
+  model = get_peft_model(model, LoraConfig(r=16, lora_alpha=64, lora_dropout=0.1, use_dora=True,
+                                           target_modules=['q_proj', 'k_proj', 'v_proj', 'o_proj']))
+  model.base_model.model.model.language_model.embed_tokens.weight.requires_grad_(True)
+  model.train()
+  opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=5e-5, weight_decay=0.0)
+  inner = model.base_model.model
+
+  def side_inputs(name, rows):
+    side = batch[name]
+    ids = torch.as_tensor(np.asarray(side['inputs'].input_ids, np.int64))[rows]
+    kw = dict(input_ids=ids, attention_mask=torch.as_tensor(np.asarray(side['inputs'].token_valid, np.int64))[rows])
+    images = [im for i in rows for im in pairs[name][i].images]
+    if images:
+      kw.update(pixel_values=torch.as_tensor(np.concatenate([im.patches() for im in images])),
+                image_grid_thw=torch.as_tensor(np.array([im.grid for im in images])),
+                mm_token_type_ids=(ids == 151655).long())
+    return kw, torch.as_tensor(np.asarray(side['compression_positions'], np.int64))[rows]
+
+  n = len(pairs['query'])
+  chunk_rows = [list(range(c, n, chunks)) for c in range(chunks)]
+
+  def encode(name, rows):
+    kw, comp = side_inputs(name, rows)
+    if full_logits:  # the reference encodes with ForConditionalGeneration: logits at every token
+      out = inner(**kw, output_hidden_states=True)
+      hidden = out.hidden_states[-1]
+    else:
+      hidden = inner.model(**kw).last_hidden_state
+    reps = torch.gather(hidden, 1, comp[..., None].expand(-1, -1, hidden.shape[-1])).mean(1)
+    return F.normalize(reps, dim=-1)
+
+  def run():
+    opt.zero_grad(set_to_none=True)
+    with torch.no_grad():
+      reps = {s: torch.cat([encode(s, rows) for rows in chunk_rows]) for s in ('query', 'positive')}
+    leaves = {s: r.detach().requires_grad_(True) for s, r in reps.items()}
+    scores = leaves['query'] @ leaves['positive'].T / 0.03
+    loss = F.cross_entropy(scores, torch.arange(n))
+    loss.backward()
+    for s in ('query', 'positive'):
+      start = 0
+      for rows in chunk_rows:
+        rep = encode(s, rows)
+        rep.backward(leaves[s].grad[start:start + len(rows)])
+        start += len(rows)
+    opt.step()
+  return time_it(run, steps)
+
+
 def main():
   parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-  parser.add_argument('--stage', type=int, default=1, choices=[1])
+  parser.add_argument('--stage', type=int, default=1, choices=[1, 2])
+  parser.add_argument('--chunks', type=int, default=2)
   parser.add_argument('--steps', type=int, default=5)
   parser.add_argument('--batch', type=int, default=8)
   parser.add_argument('--length', type=int, default=256)
@@ -136,6 +244,15 @@ def main():
                        rope_parameters=dict(rope_type='default', rope_theta=1e6, mrope_section=[8, 12, 12])),
       vision_config=dict(depth=4, hidden_size=128, intermediate_size=256, num_heads=4, out_hidden_size=256,
                          window_size=112, fullatt_block_indexes=[1, 3]), tie_word_embeddings=True)
+  if args.stage == 2:
+    with tempfile.TemporaryDirectory() as hf_dir:
+      Qwen2_5_VLForConditionalGeneration(hf).save_pretrained(hf_dir)
+      pairs = build_pairs(args.batch, args.length)
+      ours, batch = jax_stage2_time(hf_dir, pairs, args.length, args.steps, args.chunks)
+      ref_style = torch_stage2_time(hf_dir, pairs, batch, args.steps, args.chunks, full_logits=True)
+      equal = torch_stage2_time(hf_dir, pairs, batch, args.steps, args.chunks, full_logits=False)
+    report(args, ours, None, ref_style, equal)
+    return
   examples = build_examples(args.batch, args.length)
   with tempfile.TemporaryDirectory() as hf_dir:
     Qwen2_5_VLForConditionalGeneration(hf).save_pretrained(hf_dir)
@@ -143,8 +260,19 @@ def main():
     ours_paper, _ = jax_step_time(hf_dir, examples, args.length, args.steps, 'paper')
     ref_style = torch_step_time(hf_dir, examples, batch, args.steps, equal_work=False)
     equal = torch_step_time(hf_dir, examples, batch, args.steps, equal_work=True)
-  print(f'machine: {platform.machine()}, {os.cpu_count()} CPUs; batch {args.batch}, length {args.length}, '
-        f'224 px images, median of {args.steps} steps after 2 warm-up steps, fp32')
+  report(args, ours_causal, ours_paper, ref_style, equal)
+
+
+def report(args, ours_causal, ours_paper, ref_style, equal):
+  print(f'machine: {platform.machine()}, {os.cpu_count()} CPUs; stage {args.stage}, batch {args.batch}, '
+        f'length {args.length}, 224 px images, median of {args.steps} steps after 2 warm-up steps, fp32')
+  if args.stage == 2:
+    print(f'| step | seconds |\n|---|---|\n| coma_jax, GradCache {args.chunks} chunks | {ours_causal:.3f} |\n'
+          f'| torch reference-style (full logits, two-pass GradCache) | {ref_style:.3f} |\n'
+          f'| torch equal-work (base model, two-pass GradCache) | {equal:.3f} |')
+    print(f'reference-style ratio (torch / ours): {ref_style / ours_causal:.2f}x')
+    print(f'equal-work ratio (torch / ours): {equal / ours_causal:.2f}x')
+    return
   print(f'| step | seconds |\n|---|---|\n| coma_jax, causal mask | {ours_causal:.3f} |\n'
         f'| coma_jax, paper mask (2 attention calls) | {ours_paper:.3f} |\n'
         f'| torch reference-style (full logits) | {ref_style:.3f} |\n| torch equal-work (gathered head) | {equal:.3f} |')

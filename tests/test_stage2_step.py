@@ -1,6 +1,5 @@
 """Stage 2: InfoNCE over the global batch, exact GradCache, frozen-vision reuse, meshes, memory."""
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
