@@ -5,6 +5,7 @@ the static-shape input contract (windows, positions, placeholders), and the jitt
 """
 from __future__ import annotations
 
+import os
 import time
 
 import numpy as np
@@ -17,19 +18,13 @@ from coma_jax.data.tokenizer import QwenTokenizer
 from coma_jax.model import ModelConfig, Qwen25VL, build_model_inputs, forward
 from coma_jax.runtime import enable_compilation_cache
 
-# The real Qwen2.5-VL vision geometry (patch 14, merge 2, 112 px windows) at toy widths.
-DEMO_CONFIG = {
-    'vocab_size': 151936, 'hidden_size': 128, 'intermediate_size': 256, 'num_hidden_layers': 4,
-    'num_attention_heads': 4, 'num_key_value_heads': 2, 'rms_norm_eps': 1e-6, 'rope_theta': 1e6,
-    'rope_scaling': {'type': 'mrope', 'mrope_section': [4, 6, 6]}, 'tie_word_embeddings': True,
-    'vision_config': {'depth': 4, 'hidden_size': 128, 'intermediate_size': 256, 'num_heads': 4,
-                      'out_hidden_size': 128, 'window_size': 112, 'fullatt_block_indexes': [1, 3]},
-}
+# The real Qwen2.5-VL vocabulary and vision geometry (patch 14, merge 2, 112 px windows), toy widths.
+DEMO_CONFIG = os.path.join(os.path.dirname(__file__), 'model', 'hf_configs', 'qwen2_5_vl_tiny.json')
 
 
 def main():
   cache = enable_compilation_cache()
-  cfg = ModelConfig.from_hf_dict(DEMO_CONFIG)
+  cfg = ModelConfig.from_json_file(DEMO_CONFIG)
   photo = Image.fromarray(skimage.data.chelsea())
   patches, grid = preprocess_image(photo, ImageSettings(min_pixels=28 * 28 * 64, max_pixels=28 * 28 * 256))
   n_tokens = int(np.prod(grid)) // cfg.vision.merge_unit

@@ -3,7 +3,6 @@ no optimizer state, the optimizer state, the step and the count of skipped (non-
 from __future__ import annotations
 
 import jax
-import jax.numpy as jnp
 from flax import nnx, struct
 
 
@@ -22,12 +21,3 @@ def split_model(model: nnx.Module, trainable_filter):
   if not jax.tree.leaves(params):
     raise ValueError('no parameter is trainable: add an adapter or make embeddings/vision trainable')
   return graphdef, params, frozen
-
-
-def cast_state(state: nnx.State, dtype) -> nnx.State:
-  return jax.tree.map(lambda x: x.astype(dtype) if jnp.issubdtype(x.dtype, jnp.floating) else x, state)
-
-
-def init_state(params, frozen, tx) -> TrainState:
-  return TrainState(step=jnp.zeros((), jnp.int32), params=params, frozen=frozen,
-                    opt_state=tx.init(params), skipped=jnp.zeros((), jnp.int32))
