@@ -7,6 +7,7 @@ from flax import nnx
 from coma_jax.data.batching import Bucket
 from coma_jax.data.pipeline import to_global
 from coma_jax.model.lora import AdapterConfig, AdapterLinear, apply_adapters
+from coma_jax.parallel.activations import under_rules
 from coma_jax.parallel.mesh import make_mesh
 from coma_jax.parallel.rules import batch_sharding, rules_dict
 from coma_jax.training.build import build_train_setup
@@ -102,7 +103,8 @@ def test_meshes_agree_with_one_device_including_grad_cache(setup_data):
                               optim=OptimConfig(total_steps=10), trainable=TrainableConfig())
     rules = rules_dict(())
     placed = to_global(batch, lambda name, v: batch_sharding(v.shape, BATCH_AXIS.get(name, 0), rules, mesh))
-    results[shape] = jax.jit(make_stage2_grads(setup.graphdef, cfg))(setup.state.params, setup.state.frozen,
+    results[shape] = jax.jit(under_rules(make_stage2_grads(setup.graphdef, cfg), mesh, rules))(
+        setup.state.params, setup.state.frozen,
                                                                       placed, KEY)
   loss1, g1 = results[(1, 1, 1)]
   for shape, (loss, g) in results.items():

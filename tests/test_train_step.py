@@ -9,6 +9,7 @@ from flax import nnx
 from coma_jax.data.batching import Bucket
 from coma_jax.data.pipeline import to_global
 from coma_jax.model.lora import AdapterConfig, apply_adapters
+from coma_jax.parallel.activations import under_rules
 from coma_jax.parallel.mesh import make_mesh
 from coma_jax.parallel.rules import batch_sharding, rules_dict
 from coma_jax.training.build import build_train_setup
@@ -43,7 +44,7 @@ def grads_on(mesh_shape, data, cfg=Stage1StepConfig(), **model_kw):
   mesh = make_mesh(mesh_shape, jax.devices()[:int(np.prod(mesh_shape))])
   setup = build_train_setup(fresh_model(**model_kw), mesh, lambda g, tx: make_stage1_step(g, tx, cfg),
                             rules=rules_dict(()), optim=OptimConfig(total_steps=10), trainable=TrainableConfig())
-  fn = jax.jit(make_stage1_grads(setup.graphdef, cfg))
+  fn = jax.jit(under_rules(make_stage1_grads(setup.graphdef, cfg), mesh, rules_dict(())))
   loss, tokens, grads = fn(setup.state.params, setup.state.frozen, place(data, mesh), KEY)
   return float(loss), jax.tree.map(np.asarray, grads), setup
 
@@ -143,3 +144,17 @@ def test_parameters_are_created_sharded():
   kernel = model.decoder.layers.mlp.gate_proj.kernel.value
   assert kernel.sharding.spec == jax.sharding.PartitionSpec(None, 'fsdp', 'tensor')
   assert len({s.device for s in kernel.addressable_shards}) == 8
+
+
+def test_activation_constraints_follow_the_rules():
+  from coma_jax.parallel.activations import activation_sharding, constrain
+  mesh = make_mesh((8, 1, 1))
+  f = lambda x: constrain(x * 2, ('batch', None, 'activation_embed'))
+  # A fresh function per trace: jit caches traces, and the rules are read at trace time.
+  text = lambda fn, shape: jax.jit(lambda x: fn(x)).lower(jnp.zeros(shape)).as_text()
+  assert 'sharding_constraint' not in text(f, (8, 4, 2)) and '@Sharding' not in text(f, (8, 4, 2))
+  with activation_sharding(mesh, rules_dict(())):
+    constrained = text(f, (8, 4, 2))
+    indivisible = text(f, (6, 4, 2))  # 6 rows on 8 devices: left to XLA, not forced to replicate
+  assert 'sharding_constraint' in constrained or '@Sharding' in constrained
+  assert 'sharding_constraint' not in indivisible and '@Sharding' not in indivisible

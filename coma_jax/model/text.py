@@ -15,8 +15,10 @@ from coma_jax.model.config import TextConfig
 from coma_jax.model.layers import Linear, RMSNorm, SwiGLU
 from coma_jax.model.rope import apply_rotary
 from coma_jax.model.stack import run_stack
+from coma_jax.parallel.activations import constrain
 
 Attend = Callable[[jax.Array, jax.Array, jax.Array, jax.Array], jax.Array]
+ACTIVATION_AXES = ('batch', 'activation_length', 'activation_embed')  # (B, L, D) between layers
 
 
 class TextAttention(nnx.Module):
@@ -65,7 +67,9 @@ class TextDecoder(nnx.Module):
 
   def __call__(self, x, cos, sin, attend: Attend, ctx=None):
     """`ctx`: a DropoutContext (per-row keys) or None; each layer gets its own keys."""
-    body = lambda layer, x, i: layer(x, cos, sin, attend, i, None if ctx is None else ctx.for_layer(i))
+    def body(layer, x, i):
+      x = layer(x, cos, sin, attend, i, None if ctx is None else ctx.for_layer(i))
+      return constrain(x, ACTIVATION_AXES)
     x = run_stack(self.layers, x, body, per_layer=np.arange(self.num_layers, dtype=np.int32),
                   scan=self.scan_layers, remat=self.remat)
     return self.norm(x)

@@ -17,6 +17,7 @@ from coma_jax.model.config import VisionConfig
 from coma_jax.model.layers import Linear, RMSNorm, SwiGLU, activation
 from coma_jax.model.rope import apply_rotary, vision_cos_sin
 from coma_jax.model.stack import run_stack
+from coma_jax.parallel.activations import constrain
 
 
 def gather_units(x: jax.Array, index: jax.Array, unit: int) -> jax.Array:
@@ -111,9 +112,11 @@ class VisionTower(nnx.Module):
 
     def body(block, x, is_full):
       if isinstance(is_full, (bool, np.bool_)):  # unrolled: the kind is static
-        return block(x, cos, sin, *((full_seg, None) if is_full else (window_seg, window)), impl)
-      return jax.lax.cond(is_full, lambda x: block(x, cos, sin, full_seg, None, impl),
-                          lambda x: block(x, cos, sin, window_seg, window, impl), x)
+        x = block(x, cos, sin, *((full_seg, None) if is_full else (window_seg, window)), impl)
+      else:
+        x = jax.lax.cond(is_full, lambda x: block(x, cos, sin, full_seg, None, impl),
+                         lambda x: block(x, cos, sin, window_seg, window, impl), x)
+      return constrain(x, ('batch', None, None))  # vision rows follow the batch
 
     is_full = np.array([cfg.is_full_attention(i) for i in range(cfg.depth)])
     x = run_stack(self.blocks, x, body, per_layer=is_full, scan=self.scan_layers, remat=self.remat)

@@ -28,6 +28,8 @@ DEFAULT_RULES: tuple[tuple[str, str | tuple[str, ...] | None], ...] = (
     ('vision_merge', 'fsdp'),
     ('vision_merge_mlp', 'tensor'),
     ('layers', None),
+    ('activation_length', None),
+    ('activation_embed', None),
 )
 
 

@@ -11,6 +11,7 @@ import jax.numpy as jnp
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
+from coma_jax.parallel.activations import under_rules
 from coma_jax.parallel.rules import head_units, state_shardings
 from coma_jax.training.optim import OptimConfig, TrainableConfig, make_optimizer
 from coma_jax.training.state import TrainState, split_model
@@ -73,7 +74,9 @@ def build_train_setup(model: nnx.Module, mesh: Mesh, make_step: Callable, *, rul
     opt_state = jax.jit(tx.init, out_shardings=opt_sh)(params)
     zero = lambda: jax.device_put(jnp.zeros((), jnp.int32), replicated)  # two buffers: both are donated
     state = TrainState(step=zero(), params=params, frozen=frozen, opt_state=opt_state, skipped=zero())
-  step = jax.jit(make_step(graphdef, tx), out_shardings=(shardings, replicated), donate_argnums=0)
+  # Traced inside the rules, so the model's activation constraints apply.
+  step = jax.jit(under_rules(make_step(graphdef, tx), mesh, rules), out_shardings=(shardings, replicated),
+                 donate_argnums=0)
   return TrainSetup(graphdef, state, shardings, step, tx, mesh)
 
 
