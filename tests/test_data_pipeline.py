@@ -125,8 +125,8 @@ def test_a_bad_record_at_load_time_becomes_a_counted_padding_row(stage1_dir, tok
 def test_global_arrays_on_a_data_mesh(stage1_dir, tok):
   mesh = Mesh(np.array(jax.devices()[:8]), ('data',))
 
-  def sharding(name, value):
-    spec = [None] * value.ndim
+  def sharding(name, shape):
+    spec = [None] * len(shape)
     spec[BATCH_AXIS.get(name, 0)] = 'data'
     return NamedSharding(mesh, P(*spec))
 
@@ -176,3 +176,31 @@ def test_mmeb_eval_builder(tmp_path):
   record = builder.as_data_source()['ImageNet_1K'][0]
   assert [t.decode() for t in record['tgt_text']] == ['cat', 'dog', 'fish']
   assert record['qry_img_path'].decode() == photos[0]
+
+
+def test_two_real_processes_assemble_the_one_process_batch(stage1_dir, tok):
+  """Two JAX processes (gloo, localhost) each read half of every global batch, agree on the
+  bucket, and build global arrays equal to a single process's batch."""
+  import json
+  import os
+  import socket
+  import subprocess
+  import sys
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  with socket.socket() as s:
+    s.bind(('localhost', 0))
+    port = s.getsockname()[1]
+  env = dict(os.environ, PYTHONPATH=root, XLA_FLAGS='')
+  procs = [subprocess.Popen([sys.executable, '-m', 'tests.helpers.two_process_loader', str(p), str(port),
+                             str(stage1_dir / 'tfds')], cwd=root, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True) for p in range(2)]
+  outputs = [p.communicate(timeout=300) for p in procs]
+  results = []
+  for p, (out, err) in zip(procs, outputs):
+    assert p.returncode == 0, err[-3000:]
+    results.append(json.loads(out.split('RESULT ', 1)[1]))
+  assert results[0] == results[1]  # both processes see the same global arrays
+  for step_result, (step, batch) in zip(results[0], loader(stage1_dir, tok, num_steps=3)):
+    ids = batch['inputs'].input_ids.astype(np.int64)
+    assert step_result['shape'] == list(ids.shape) and step_result['bucket'] == batch['bucket'].seq_len
+    assert step_result['checksum'] == int((ids * (1 + np.arange(ids.shape[0]))[:, None]).sum())

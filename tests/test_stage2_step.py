@@ -102,7 +102,7 @@ def test_meshes_agree_with_one_device_including_grad_cache(setup_data):
     setup = build_train_setup(fresh_model(), mesh, lambda g, tx: make_stage2_step(g, tx, cfg), rules=rules_dict(()),
                               optim=OptimConfig(total_steps=10), trainable=TrainableConfig())
     rules = rules_dict(())
-    placed = to_global(batch, lambda name, v: batch_sharding(v.shape, BATCH_AXIS.get(name, 0), rules, mesh))
+    placed = to_global(batch, lambda name, shape: batch_sharding(shape, BATCH_AXIS.get(name, 0), rules, mesh))
     results[shape] = jax.jit(under_rules(make_stage2_grads(setup.graphdef, cfg), mesh, rules))(
         setup.state.params, setup.state.frozen,
                                                                       placed, KEY)

@@ -37,7 +37,7 @@ def data():
 
 def place(b, mesh):
   rules = rules_dict(())
-  return to_global(b, lambda name, v: batch_sharding(v.shape, BATCH_AXIS.get(name, 0), rules, mesh))
+  return to_global(b, lambda name, shape: batch_sharding(shape, BATCH_AXIS.get(name, 0), rules, mesh))
 
 
 def grads_on(mesh_shape, data, cfg=Stage1StepConfig(), **model_kw):

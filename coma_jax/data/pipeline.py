@@ -21,6 +21,7 @@ from coma_jax.data.bad_records import BadRecord, BadRecordLog
 from coma_jax.data.batching import Bucket, Needs, collate, needs_of, pick_bucket
 from coma_jax.data.sampler import process_slice
 from coma_jax.model.config import ModelConfig
+from coma_jax.model.inputs import BATCH_AXIS
 
 log = logging.getLogger('coma_jax.data')
 
@@ -141,16 +142,18 @@ def _mark_flags_parsed() -> None:
     flags.FLAGS.mark_as_parsed()
 
 
-BATCH_AXIS = {'positions': 1}  # every other array of a batch has the batch (or group) axis first
+def to_global(batch: dict, sharding_for: Callable[[str, tuple], jax.sharding.Sharding]) -> dict:
+  """Process-local numpy batch -> global jax.Arrays; 'stats'/'bucket' stay as they are.
 
-
-def to_global(batch: dict, sharding_for: Callable[[str, np.ndarray], jax.sharding.Sharding]) -> dict:
-  """Process-local numpy batch -> global jax.Arrays (one call per leaf); 'stats'/'bucket' stay."""
+  `sharding_for(name, global_shape)`: each process holds an equal slice of the batch axis, so the
+  global shape is the local one with that axis times the process count.
+  """
   def put(name, value):
     if value is None or not isinstance(value, np.ndarray):
       return value
-    sharding = sharding_for(name, value)
-    return jax.make_array_from_process_local_data(sharding, value)
+    axis = BATCH_AXIS.get(name, 0)
+    global_shape = value.shape[:axis] + (value.shape[axis] * jax.process_count(),) + value.shape[axis + 1:]
+    return jax.make_array_from_process_local_data(sharding_for(name, global_shape), value, global_shape)
 
   out = {}
   for key, value in batch.items():

@@ -15,6 +15,11 @@ from coma_jax.model.rope_index import get_rope_index
 from coma_jax.model.vision_layout import build_vision_layout, slots_needed
 
 
+# The batch (or vision-group) axis of each batch array: `positions` is (3, B, L); all others lead
+# with it. Used to shard batches and to split them into micro-batches or GradCache chunks.
+BATCH_AXIS = {'positions': 1}
+
+
 @struct.dataclass
 class ModelInputs:
   """One batch. B rows of L tokens. The rows form G equal vision groups (row b is in group

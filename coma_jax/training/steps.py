@@ -13,13 +13,12 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
+from coma_jax.model.inputs import BATCH_AXIS
 from coma_jax.model.lora import DropoutContext
 from coma_jax.training.losses import stage1_loss_terms
 from coma_jax.training.stage1_attention import stage1_attend
 from coma_jax.training.state import TrainState
 
-# Which axis of each batch leaf is the batch (or vision-group) axis; absent means 0.
-BATCH_AXIS = {'positions': 1}
 
 
 @dataclasses.dataclass(frozen=True)
