@@ -102,7 +102,10 @@ class AdapterLinear(nnx.Module):
     w = base.kernel[...].astype(jnp.float32)
     norm = jnp.linalg.norm(w + jax.lax.stop_gradient(self.delta_weight().astype(jnp.float32)), axis=-2)
     scale = (self.magnitude[...] / jax.lax.stop_gradient(norm)).astype(dtype)
-    base_x = jnp.dot(xd.astype(dtype), base.kernel[...].astype(dtype))  # W x' (no bias), as peft
+    if xd is x:  # no dropout: W x is the base output less its bias (no second matmul), as peft
+      base_x = y if base.bias is None else y - base.bias[...].astype(dtype)
+    else:
+      base_x = jnp.dot(xd.astype(dtype), base.kernel[...].astype(dtype))  # W x' (no bias), as peft
     return y + (scale - 1) * base_x + scale * lora
 
   def merged_kernel(self) -> jax.Array:
