@@ -69,7 +69,7 @@ def test_non_utf8_and_non_json_lines_are_named(tmp_path):
   path = tmp_path / 'x.jsonl'
   path.write_bytes(b'{"id": "ok", "conversations": []}\n{"id": "\xff"}\nnot json\n')
   out = list(read_jsonl(str(path)))
-  assert out[0] == ('ok', {'id': 'ok', 'conversations': []})
+  assert out[0] == ('x.jsonl:1', {'id': 'ok', 'conversations': []})
   assert isinstance(out[1][1], BadRecord) and "'x.jsonl:2': non-UTF-8 text" in str(out[1][1])
   assert isinstance(out[2][1], BadRecord) and "'x.jsonl:3': malformed record" in str(out[2][1])
 
@@ -78,7 +78,8 @@ def test_skip_policy_counts_and_logs_the_first_offenders(caplog):
   skip = BadRecordLog('skip', keep_first=2)
   for i in range(5):
     skip.handle(BadRecord(f'r{i}', 'corrupt image' if i % 2 else 'missing image file'))
-  assert skip.summary() == {'skipped': 5, 'by_reason': {'missing image file': 3, 'corrupt image': 2},
+  skip.kept += 7
+  assert skip.summary() == {'records': 12, 'kept': 7, 'skipped': 5, 'by_reason': {'missing image file': 3, 'corrupt image': 2},
                             'first': ["bad record 'r0': missing image file", "bad record 'r1': corrupt image"]}
   assert sum('skipping' in r.message for r in caplog.records) == 2
   with pytest.raises(BadRecord, match="'r9'"):

@@ -26,7 +26,8 @@ def tok():
 def stage1_dir(tmp_path_factory):
   root = tmp_path_factory.mktemp('stage1')
   jsonl = write_stage1_jsonl(str(root))
-  build_tfds.build('stage1_qa', str(root / 'tfds'), inputs=[jsonl], image_root=str(root / 'images'))
+  build_tfds.build('stage1_qa', str(root / 'tfds'), inputs=[jsonl], image_root=str(root / 'images'),
+                   max_bad_fraction=0.2)  # 6 deliberate bad records of 46
   return root
 
 
@@ -41,6 +42,7 @@ def test_builder_skips_and_counts_bad_records(stage1_dir):
   bad = builder.info.metadata['bad_records']
   assert bad['by_reason'] == {'missing image file': 1, 'corrupt image': 1, 'empty image file': 1,
                               'no conversation': 1, 'image count mismatch': 1, 'non-UTF-8 text': 1}
+  assert bad['records'] == 46 and bad['kept'] == 40 and bad['skipped'] == 6
   assert any("'bad_missing'" in line for line in bad['first'])
   record = builder.as_data_source()['train'][0]
   assert set(record) == {'id', 'images', 'questions', 'answers', 'input_text'}
@@ -165,12 +167,12 @@ def test_mmeb_eval_builder(tmp_path):
   photos = write_photos(str(tmp_path / 'images'), count=3)
   rows = [{'qry_text': '<|image_1|>\nRepresent the given image for classification', 'qry_img_path': photos[0],
            'tgt_text': ['cat', 'dog', 'fish'], 'tgt_img_path': ['', '', '']},
-          {'qry_text': 'Find the image of a dog', 'qry_img_path': '', 'tgt_text': ['', ''],
+          {'qry_text': 'Find the image of a dog', 'qry_img_path': '', 'tgt_text': ['<|image_1|>\nRepresent it.'] * 2,
            'tgt_img_path': [photos[1], 'missing.jpg']}]
   (tmp_path / 'raw').mkdir()
   pq.write_table(pa.Table.from_pylist(rows), str(tmp_path / 'raw' / 'ImageNet-1K.parquet'))
   builder = build_tfds.build('mmeb_eval', str(tmp_path / 'tfds'), input_dir=str(tmp_path / 'raw'),
-                             image_root=str(tmp_path / 'images'))
+                             image_root=str(tmp_path / 'images'), max_bad_fraction=0.5)
   assert builder.info.splits['ImageNet_1K'].num_examples == 1
   assert builder.info.metadata['bad_records']['by_reason'] == {'missing image file': 1}
   record = builder.as_data_source()['ImageNet_1K'][0]

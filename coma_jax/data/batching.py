@@ -13,10 +13,11 @@ from typing import Sequence
 
 import numpy as np
 
-from coma_jax.data.sequences import IGNORE, ROLE_COMPRESSION, ROLE_PAD, Example
+from coma_jax.data.sequences import IGNORE, ROLE_COMPRESSION, ROLE_PAD, Example, SequenceSettings
 from coma_jax.model.config import ModelConfig
 from coma_jax.model.inputs import build_grouped_inputs, build_model_inputs
-from coma_jax.model.vision_layout import slots_needed
+from coma_jax.model.rope_index import get_rope_index
+from coma_jax.model.vision_layout import build_vision_layout, slots_needed
 from coma_jax.training.stage1_attention import split_indices
 
 
@@ -36,6 +37,33 @@ def parse_buckets(spec: Sequence) -> tuple[Bucket, ...]:
 
 def example_slots(grids, cfg: ModelConfig) -> int:
   return sum(slots_needed(grids, cfg.vision))
+
+
+def check_example_contract(ex: Example, cfg: ModelConfig, settings: SequenceSettings) -> None:
+  """The per-example part of what `collate` runs (rope index, vision layout, budgets), run in the
+  worker on each new example, so that collate is total on the examples that pass.
+
+  Data problems were BadRecords before this point; a failure here is a bug in coma_jax, so it
+  raises a RuntimeError naming the record rather than being skipped.
+  """
+  try:
+    get_rope_index(ex.tokens[None], None, image_grid_thw=ex.grids, image_token_id=cfg.image_token_id,
+                   video_token_id=cfg.video_token_id, spatial_merge_size=cfg.vision.spatial_merge_size,
+                   tokens_per_second=cfg.vision.tokens_per_second)
+    if ex.grids:
+      build_vision_layout(ex.grids, cfg.vision)
+    problems = [
+        f'{len(ex.tokens)} tokens > max_length {settings.max_length}' if len(ex.tokens) > settings.max_length else '',
+        f'{ex.num_labels} labels > {settings.max_label_tokens}' if ex.num_labels > settings.max_label_tokens else '',
+        f'{example_slots(ex.grids, cfg)} vision slots > {settings.max_vision_slots}'
+        if example_slots(ex.grids, cfg) > settings.max_vision_slots else '',
+        'compression tokens' if int((ex.roles == ROLE_COMPRESSION).sum()) != settings.num_compression_tokens else '',
+        'lengths' if not len(ex.tokens) == len(ex.roles) == len(ex.labels) else '',
+        'video placeholders' if (ex.tokens == cfg.video_token_id).any() else '']
+    if any(problems):
+      raise ValueError(', '.join(p for p in problems if p))
+  except ValueError as e:
+    raise RuntimeError(f'example {ex.id!r} breaks the batch contract (a bug in coma_jax, not bad data): {e}') from e
 
 
 @dataclasses.dataclass(frozen=True)

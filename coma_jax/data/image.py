@@ -19,6 +19,7 @@ from coma_jax.data.bad_records import BadRecord
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+MAX_ASPECT_RATIO = 200  # Qwen's smart_resize refuses longer / shorter side above this
 
 
 @dataclasses.dataclass(frozen=True)
@@ -44,8 +45,8 @@ def smart_resize(height: int, width: int, factor: int, min_pixels: int, max_pixe
   """Target (height, width): multiples of `factor`, area within the bounds, aspect ratio kept."""
   if min(height, width) <= 0:
     raise ValueError(f'image has zero size ({height}x{width})')
-  if max(height, width) / min(height, width) > 200:
-    raise ValueError(f'absolute aspect ratio must be smaller than 200, got {height}x{width}')
+  if max(height, width) / min(height, width) > MAX_ASPECT_RATIO:
+    raise ValueError(f'absolute aspect ratio must be smaller than {MAX_ASPECT_RATIO}, got {height}x{width}')
   h_bar, w_bar = round(height / factor) * factor, round(width / factor) * factor
   if h_bar * w_bar > max_pixels:
     beta = math.sqrt(height * width / max_pixels)
@@ -106,27 +107,58 @@ def preprocess_image(image: Image.Image, settings: ImageSettings = ImageSettings
   return resized.patches(), resized.grid
 
 
-def to_rgb(image: Image.Image) -> Image.Image:
-  """Any PIL mode to RGB; transparency is composited on white (as transformers does)."""
+def to_rgb(image: Image.Image, record_id: str = 'image') -> Image.Image:
+  """Any PIL mode to RGB; transparency is composited on white (as transformers does).
+
+  16-bit and 32-bit greyscale are scaled by value (see `high_depth_to_uint8`): PIL's
+  `convert('RGB')` clamps them at 255, which turns a 16-bit photo white. transformers' processor
+  has that clamp; this is a deliberate deviation (README, "Deviations").
+  """
   if image.mode == 'RGB':
     return image
-  if image.mode in ('RGBA', 'LA') or (image.mode == 'P' and 'transparency' in image.info):
+  if image.mode in ('I', 'F') or image.mode.startswith('I;16'):
+    return Image.fromarray(np.repeat(high_depth_to_uint8(image, record_id)[:, :, None], 3, axis=2), 'RGB')
+  if image.mode in ('RGBA', 'LA', 'PA') or (image.mode == 'P' and 'transparency' in image.info):
     rgba = image.convert('RGBA')
     canvas = Image.new('RGBA', rgba.size, (255, 255, 255, 255))
     canvas.alpha_composite(rgba)
     return canvas.convert('RGB')
-  return image.convert('RGB')  # L, P, CMYK, I;16, YCbCr, ...
+  try:
+    return image.convert('RGB')  # L, 1, P, CMYK, YCbCr, ...
+  except ValueError as e:  # e.g. LAB: PIL has no conversion
+    raise BadRecord(record_id, 'unsupported image mode', f'{image.mode}: {e}') from None
+
+
+def high_depth_to_uint8(image: Image.Image, record_id: str = 'image') -> np.ndarray:
+  """(H, W) uint8 of a greyscale image of mode I;16*, I or F, scaled by value.
+
+  Integers divide by 257 (65535 -> 255); floats multiply by 255 when their maximum is <= 1,
+  else are taken as 0-255 values. Rounded to nearest, clipped to 0-255.
+  """
+  values = np.asarray(image).astype(np.float64)
+  if image.mode == 'F':
+    if not np.isfinite(values).all():
+      raise BadRecord(record_id, 'corrupt image', 'non-finite pixel values in a float image')
+    if values.max() <= 1:
+      values = values * 255
+  else:
+    values = values / 257
+  return np.clip(np.rint(values), 0, 255).astype(np.uint8)
 
 
 def decode_image(source: bytes | str, record_id: str, settings: ImageSettings = ImageSettings()) -> Image.Image:
   """Bytes or a file path -> a fully decoded RGB image, or a BadRecord naming the record.
 
-  Refused: a missing file, an empty file, a corrupt or truncated image, a zero-size image, and
-  an image of more than `max_source_pixels` (checked from the header, before decoding).
+  The one check of an image that does not depend on a run's config, used by the dataset build
+  and the loaders alike. Refused: a missing path or one that is not a file, an empty file, a
+  corrupt or truncated image, a zero-size image, an aspect ratio beyond `MAX_ASPECT_RATIO`
+  (Qwen's resize refuses it), and more than `max_source_pixels` (checked from the header).
   """
   if isinstance(source, str):
-    if not os.path.isfile(source):
+    if not os.path.exists(source):
       raise BadRecord(record_id, 'missing image file', source)
+    if not os.path.isfile(source):
+      raise BadRecord(record_id, 'image path is not a file', source)
     with open(source, 'rb') as f:
       source = f.read()
   if len(source) == 0:
@@ -141,6 +173,8 @@ def decode_image(source: bytes | str, record_id: str, settings: ImageSettings = 
                         f'{width}x{height} px > max_source_pixels {settings.max_source_pixels}')
       if width == 0 or height == 0:
         raise BadRecord(record_id, 'zero-size image', f'{width}x{height}')
+      if max(width, height) / min(width, height) > MAX_ASPECT_RATIO:
+        raise BadRecord(record_id, 'extreme aspect ratio', f'{width}x{height} px, more than {MAX_ASPECT_RATIO}:1')
       image.load()
   except BadRecord:
     raise
@@ -148,4 +182,4 @@ def decode_image(source: bytes | str, record_id: str, settings: ImageSettings = 
     raise BadRecord(record_id, 'decompression bomb', str(e)) from None
   except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
     raise BadRecord(record_id, 'corrupt image', f'{type(e).__name__}: {e}') from None
-  return to_rgb(image)
+  return to_rgb(image, record_id)

@@ -2,12 +2,14 @@
 from __future__ import annotations
 
 import dataclasses
+import logging
 import os
+import re
 from typing import Sequence
 
 import tensorflow_datasets as tfds
 
-from coma_jax.data.batching import Bucket, example_slots, parse_buckets
+from coma_jax.data.batching import Bucket, check_example_contract, example_slots, parse_buckets
 from coma_jax.data.pipeline import BatchSpec, ConcatSource, GlobalBatchIterator, StepReader
 from coma_jax.data.sampler import EpochSampler, SubsetBlockSampler
 from coma_jax.data.sequences import SequenceSettings, TokenIds, stage1_example, stage2_example
@@ -16,20 +18,39 @@ from coma_jax.data.tfds_builders.stage1_qa import record_from_features
 from coma_jax.data.tokenizer import QwenTokenizer
 from coma_jax.model.config import ModelConfig
 
+log = logging.getLogger('coma_jax.data')
+VERSION_DIR = re.compile(r'^(\d+)\.(\d+)\.(\d+)$')
+
 
 def open_builder(data_dir: str, name: str):
-  """The newest built version of dataset `name` under data_dir."""
+  """The newest complete build of dataset `name` under data_dir.
+
+  Only finished versions count (a `X.Y.Z` folder with its dataset_info.json): a killed build
+  leaves an `incomplete.*` folder, which is never picked.
+  """
   root = os.path.join(data_dir, name)
-  versions = sorted(v for v in os.listdir(root) if os.path.isdir(os.path.join(root, v))) if os.path.isdir(root) else []
-  if not versions:
-    raise FileNotFoundError(f'no built {name} dataset under {data_dir}; run python -m coma_jax.data.build_tfds {name}')
-  return tfds.builder_from_directory(os.path.join(root, versions[-1]))
+  entries = os.listdir(root) if os.path.isdir(root) else []
+  complete = [tuple(int(x) for x in VERSION_DIR.match(v).groups()) for v in entries if VERSION_DIR.match(v)
+              and os.path.isfile(os.path.join(root, v, 'dataset_info.json'))]
+  leftovers = [v for v in entries if v.startswith('incomplete.')]
+  if leftovers:
+    log.warning('%s: leftover folders of an interrupted build, safe to delete: %s', root, leftovers)
+  if not complete:
+    raise FileNotFoundError(f'no complete {name} dataset under {data_dir}'
+                            + (f' (only the interrupted build(s) {leftovers})' if leftovers else '')
+                            + f'; run python -m coma_jax.data.build_tfds {name}')
+  return tfds.builder_from_directory(os.path.join(root, '.'.join(map(str, max(complete)))))
 
 
-def sequence_settings(buckets: Sequence[Bucket], **kw) -> SequenceSettings:
-  """Settings whose limits are the largest bucket's, so every valid example fits some bucket."""
+def sequence_settings(buckets: Sequence[Bucket], examples_per_group: int = 1, **kw) -> SequenceSettings:
+  """Settings whose limits are the largest bucket's, so every valid example fits some bucket.
+
+  A vision group holds `examples_per_group` examples, so one example may take that share of the
+  largest vision budget: then any group of valid examples fits it.
+  """
+  largest = max(b.vision_slots for b in buckets)
   return SequenceSettings(max_length=max(b.seq_len for b in buckets),
-                          max_vision_slots=max(b.vision_slots for b in buckets),
+                          max_vision_slots=largest // examples_per_group,
                           max_label_tokens=max(b.label_slots for b in buckets) or 1 << 30, **kw)
 
 
@@ -44,8 +65,10 @@ class Stage1Examples:
     self.ids = TokenIds.of(self.tokenizer, self.settings.num_compression_tokens)
 
   def __call__(self, features, global_id):
-    return stage1_example(record_from_features(features), self.tokenizer, self.ids, self.settings,
-                          lambda grids: example_slots(grids, self.model_config))
+    example = stage1_example(record_from_features(features), self.tokenizer, self.ids, self.settings,
+                             lambda grids: example_slots(grids, self.model_config))
+    check_example_contract(example, self.model_config, self.settings)
+    return example
 
 
 @dataclasses.dataclass
@@ -63,33 +86,39 @@ class Stage2Examples:
     subset, _ = self.sampler.subset_of(global_id)
     record = pair_from_features(features, subset)
     slots = lambda grids: example_slots(grids, self.model_config)
-    return {name: None if getattr(record, name) is None else stage2_example(
+    out = {name: None if getattr(record, name) is None else stage2_example(
         getattr(record, name), f'{record.id}:{name}', self.tokenizer, self.ids, self.settings, slots)
-            for name in self.sides}
+           for name in self.sides}
+    for example in out.values():
+      if example is not None:
+        check_example_contract(example, self.model_config, self.settings)
+    return out
 
 
 def stage1_loader(data_dir: str, model_config: ModelConfig, tokenizer: QwenTokenizer, *, global_batch: int,
                   buckets, seed: int, examples_per_group: int = 1, start_step: int = 0,
                   num_steps: int | None = None, num_workers: int = 0, process_index: int = 0,
-                  process_count: int = 1, on_bad_record: str = 'skip', **sequence_kw) -> GlobalBatchIterator:
+                  process_count: int = 1, on_bad_record: str = 'skip', max_bad_fraction: float = 0.05,
+                  **sequence_kw) -> GlobalBatchIterator:
   buckets = parse_buckets(buckets)
-  settings = sequence_settings(buckets, **sequence_kw)
+  settings = sequence_settings(buckets, examples_per_group, **sequence_kw)
   source = open_builder(data_dir, 'stage1_qa').as_data_source()['train']
   sampler = EpochSampler(len(source), global_batch, seed)
   reader = StepReader(source, sampler, Stage1Examples(tokenizer, settings, model_config),
                       process_index, process_count, on_bad_record)
   spec = BatchSpec(model_config, buckets, examples_per_group, settings.num_compression_tokens)
   return GlobalBatchIterator(reader, spec, start_step=start_step, num_workers=num_workers,
-                             num_steps=num_steps if num_steps is not None else sampler.steps_per_epoch)
+                             num_steps=num_steps if num_steps is not None else sampler.steps_per_epoch,
+                             max_bad_fraction=max_bad_fraction)
 
 
 def stage2_loader(data_dir: str, model_config: ModelConfig, tokenizer: QwenTokenizer, *, global_batch: int,
                   buckets, seed: int, num_steps: int, block_size: int = 64, caps=None, weights=None,
                   hard_negatives: bool = False, examples_per_group: int = 1, start_step: int = 0,
                   num_workers: int = 0, process_index: int = 0, process_count: int = 1,
-                  on_bad_record: str = 'skip', **sequence_kw) -> GlobalBatchIterator:
+                  on_bad_record: str = 'skip', max_bad_fraction: float = 0.05, **sequence_kw) -> GlobalBatchIterator:
   buckets = parse_buckets(buckets)
-  settings = sequence_settings(buckets, **sequence_kw)
+  settings = sequence_settings(buckets, examples_per_group, **sequence_kw)
   builder = open_builder(data_dir, 'mmeb_train')
   names = builder.info.metadata.get('split_names', {})
   sources = builder.as_data_source()
@@ -101,4 +130,5 @@ def stage2_loader(data_dir: str, model_config: ModelConfig, tokenizer: QwenToken
                       Stage2Examples(tokenizer, settings, model_config, sampler, sides),
                       process_index, process_count, on_bad_record)
   spec = BatchSpec(model_config, buckets, examples_per_group, settings.num_compression_tokens, sides=sides)
-  return GlobalBatchIterator(reader, spec, start_step=start_step, num_steps=num_steps, num_workers=num_workers)
+  return GlobalBatchIterator(reader, spec, start_step=start_step, num_steps=num_steps, num_workers=num_workers,
+                             max_bad_fraction=max_bad_fraction)

@@ -17,7 +17,7 @@ import grain
 import jax
 import numpy as np
 
-from coma_jax.data.bad_records import BadRecord, BadRecordLog
+from coma_jax.data.bad_records import BadRecord, BadRecordLog, check_bad_fraction, guard_min_records
 from coma_jax.data.batching import Bucket, Needs, collate, needs_of, pick_bucket
 from coma_jax.data.sampler import process_slice
 from coma_jax.model.config import ModelConfig
@@ -46,7 +46,8 @@ class StepReader:
   """Runs in a worker: the examples of this process's slice of one global step.
 
   `make_example(raw_record, global_id)` returns an Example (or a dict of them, one per side) or
-  raises BadRecord, which becomes an all-padding row under the 'skip' policy.
+  raises BadRecord, which becomes an all-padding row under the 'skip' policy. Any other error is
+  a bug: it propagates (from a worker too), with a note naming the record.
   """
   source: Any
   sampler: Any
@@ -61,9 +62,13 @@ class StepReader:
     for gid in process_slice(self.sampler.batch_ids(step), self.process_index, self.process_count):
       try:
         examples.append(self.make_example(self.source[int(gid)], int(gid)))
+        bad.kept += 1
       except BadRecord as e:
         bad.handle(e)
         examples.append(None)
+      except Exception as e:
+        e.add_note(f'coma_jax: while making the example of record {int(gid)} (global id) at step {step}')
+        raise
     return {'step': step, 'examples': examples, 'bad': bad}
 
 
@@ -89,9 +94,12 @@ class GlobalBatchIterator:
   """Yields (step, batch) with numpy leaves; `state()` is {'step': next step} to checkpoint."""
 
   def __init__(self, reader: StepReader, spec: BatchSpec, *, start_step: int = 0, num_steps: int,
-               num_workers: int = 0, prefetch: int = 2, log_every: int = 100):
+               num_workers: int = 0, prefetch: int = 2, log_every: int = 100, max_bad_fraction: float = 0.05):
+    """`max_bad_fraction`: stop (BadDataError naming the top reasons) when more of this process's
+    records are bad, once `guard_min_records` of them were read."""
     self.reader, self.spec, self.next_step = reader, spec, start_step
     self.bad = BadRecordLog(reader.on_bad_record)
+    self.max_bad_fraction = max_bad_fraction
     self.log_every = log_every
     dataset = grain.MapDataset.range(start_step, num_steps).map(reader).to_iter_dataset(
         grain.ReadOptions(num_threads=0, prefetch_buffer_size=prefetch))
@@ -104,6 +112,10 @@ class GlobalBatchIterator:
 
   def state(self) -> dict:
     return {'step': self.next_step}
+
+  def report(self) -> dict:
+    """This process's records so far: records = kept + skipped, skipped by reason."""
+    return self.bad.summary()
 
   def __iter__(self) -> Iterator[tuple[int, dict]]:
     return self
@@ -121,6 +133,8 @@ class GlobalBatchIterator:
     item = next(self._it)
     step, examples = item['step'], item['examples']
     self.bad.merge(item['bad'])
+    check_bad_fraction(self.bad.summary(), self.max_bad_fraction, 'data loading (this process)',
+                       'data.max_bad_fraction', guard_min_records(self.max_bad_fraction))
     if self.spec.sides is None:
       batch = self._collate_side(examples)
     else:

