@@ -152,6 +152,33 @@ def write_mmeb(root: str) -> tuple[str, dict]:
   return raw, expected
 
 
+PALETTE = np.array([[200, 10, 10], [10, 200, 10], [10, 10, 200], [90, 90, 90]])
+
+
+def expected_rgb(kind: str, src: np.ndarray, palette: np.ndarray = PALETTE, transparent: int = 3) -> np.ndarray:
+  """The RGB an odd image must become, from its source array with NumPy alone (not PIL)."""
+  src = np.asarray(src)
+  if kind in ('grey', 'L'):
+    return np.repeat(src[..., None], 3, axis=-1).astype(np.float64)
+  if kind in ('grey16', 'I;16'):
+    return expected_rgb('grey', np.clip(np.rint(src / 257), 0, 255))
+  if kind in ('cmyk', 'CMYK'):
+    cmy, k = src[..., :3].astype(np.float64), src[..., 3:].astype(np.float64)
+    return np.rint((255 - cmy) * (255 - k) / 255)
+  if kind in ('palette_transparent', 'P'):
+    colours = np.asarray(palette, np.float64).copy()
+    if transparent is not None:
+      colours[transparent] = 255  # composited on white
+    return colours[src]
+  if kind in ('rgba', 'RGBA', 'LA'):
+    colour = src[..., :-1] if src.shape[-1] == 4 else np.repeat(src[..., :1], 3, axis=-1)
+    alpha = src[..., -1:].astype(np.float64) / 255
+    return colour * alpha + 255 * (1 - alpha)
+  if kind == 'one_pixel':
+    return src.astype(np.float64)
+  raise KeyError(kind)
+
+
 def image_bytes(image: Image.Image, fmt: str) -> bytes:
   buf = io.BytesIO()
   image.save(buf, fmt)

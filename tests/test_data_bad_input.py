@@ -9,6 +9,7 @@ from coma_jax.data.bad_records import BadRecord, BadRecordLog
 from coma_jax.data.formats import parse_llava, read_jsonl
 from coma_jax.data.image import ImageSettings, decode_image
 from tests.data_fixtures import image_bytes
+from tests.fuzz_records import expected_rgb
 
 PHOTO = Image.fromarray(skimage.data.coffee()).resize((200, 150))
 
@@ -38,11 +39,24 @@ def test_decompression_bomb_is_refused_before_decoding():
 
 
 @pytest.mark.parametrize('mode', ['L', 'RGBA', 'P', 'CMYK', 'LA', 'I;16'])
-def test_other_modes_are_converted(mode):
-  img = PHOTO.convert(mode) if mode != 'I;16' else Image.fromarray(np.asarray(PHOTO.convert('L'), np.uint16) * 256)
-  fmt = 'JPEG' if mode == 'CMYK' else 'PNG' if mode != 'I;16' else 'TIFF'
-  out = decode_image(image_bytes(img, fmt), 'r')
+def test_other_modes_are_converted_by_value(mode):
+  """Pixel values against an independent NumPy conversion of the stored array."""
+  rng = np.random.default_rng(0)
+  if mode == 'I;16':
+    grey = np.asarray(PHOTO.convert('L'), np.uint32) * 257 + 100
+    img = Image.fromarray(np.minimum(grey, 65535).astype(np.uint16))  # the full 16-bit range
+  elif mode in ('RGBA', 'LA'):
+    img = PHOTO.convert(mode)
+    img.putalpha(Image.fromarray(rng.integers(0, 256, PHOTO.size[::-1], dtype=np.uint8)))
+  else:
+    img = PHOTO.convert(mode)
+  out = decode_image(image_bytes(img, 'TIFF' if mode in ('CMYK', 'I;16') else 'PNG'), 'r')
+  palette = np.asarray(img.getpalette()).reshape(-1, 3) if mode == 'P' else None
+  expected = expected_rgb(mode, np.asarray(img), palette=palette, transparent=None)
   assert out.mode == 'RGB' and out.size == PHOTO.size
+  assert np.abs(np.asarray(out, np.float64) - expected).max() <= (1 if mode in ('RGBA', 'LA') else 0)
+  if mode == 'I;16':
+    assert np.asarray(out).mean() < 200  # PIL's own convert('RGB') clamps this photo to white
 
 
 def test_transparent_pixels_become_white():

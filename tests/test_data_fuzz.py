@@ -66,28 +66,6 @@ def test_one_build_over_every_class_counts_each_by_reason(stage1):
   assert sorted(record_from_features(source[i]).id for i in range(len(source))) == sorted(kept)
 
 
-def grey_to_rgb(grey):
-  return np.repeat(grey[..., None], 3, axis=-1)
-
-
-def independent_rgb(name, src):
-  """The conversion each odd image must get, computed from its source array with NumPy alone."""
-  if name == 'cmyk':
-    cmy, k = src[..., :3].astype(np.float64), src[..., 3:].astype(np.float64)
-    return np.rint((255 - cmy) * (255 - k) / 255)
-  if name == 'grey16':
-    return grey_to_rgb(np.clip(np.rint(src / 257), 0, 255))
-  if name == 'palette_transparent':
-    palette = np.array([[200, 10, 10], [10, 200, 10], [10, 10, 200], [255, 255, 255]])  # index 3 transparent
-    return palette[src]
-  if name == 'rgba':
-    alpha = src[..., 3:].astype(np.float64) / 255
-    return src[..., :3] * alpha + 255 * (1 - alpha)
-  if name == 'one_pixel':
-    return src
-  raise KeyError(name)
-
-
 def test_converted_images_have_the_right_pixels(stage1):
   _, _, _, sources, builder = stage1
   source = builder.as_data_source()['train']
@@ -96,7 +74,7 @@ def test_converted_images_have_the_right_pixels(stage1):
     name = rid[len('img_'):]
     pixels = np.asarray(decode_image(bytes(by_id[rid]['images'][0]), rid), np.float64)  # as a loader reads it
     tolerance = 1 if name == 'rgba' else 0  # alpha compositing rounds
-    assert np.abs(pixels - independent_rgb(name, src)).max() <= tolerance, name
+    assert np.abs(pixels - fuzz_records.expected_rgb(name, src)).max() <= tolerance, name
   grey = np.asarray(decode_image(bytes(by_id['img_grey16']['images'][0]), 'g'))
   assert grey[0, -1].tolist() == [128, 128, 128]  # mid-grey stays mid-grey (PIL's convert gives 255)
 
