@@ -30,6 +30,8 @@ def get_config(variant: str = 'stage1') -> ml_collections.ConfigDict:
                   num_compression_tokens=32, micro_batches=32, loss_chunk=512)
   c.data = dict(
       data_dir='', global_batch=256, examples_per_group=1, num_workers=4,
+      on_bad_record='skip',  # or 'error': stop at the first bad record, naming it
+      max_bad_fraction=0.05,  # stop when more of the records read are bad (e.g. a wrong image root)
       min_pixels=28 * 28 * 256, max_pixels=28 * 28 * 1024,
       # (seq_len, vision_slots, label_slots): 256-1024 visual tokens, up to 8192 tokens.
       buckets=((2048, 4608, 1024), (4096, 4608, 2048), (8192, 9216, 4096)),

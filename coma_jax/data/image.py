@@ -125,7 +125,7 @@ def to_rgb(image: Image.Image, record_id: str = 'image') -> Image.Image:
     return canvas.convert('RGB')
   try:
     return image.convert('RGB')  # L, 1, P, CMYK, YCbCr, ...
-  except ValueError as e:  # e.g. LAB: PIL has no conversion
+  except ValueError as e:  # a mode PIL cannot convert
     raise BadRecord(record_id, 'unsupported image mode', f'{image.mode}: {e}') from None
 
 
