@@ -144,6 +144,26 @@ def test_worker_errors_name_the_record_and_never_hang(stage1, tok):
       list(it)
 
 
+class BuggyExamples:
+  """A make_example with a bug (not bad data) for record 5."""
+
+  def __call__(self, record, global_id):
+    if global_id == 5:
+      return {}['a bug']
+    raise BadRecord(f'r{global_id}', 'corrupt image')
+
+
+def test_a_bug_in_a_worker_surfaces_as_itself_naming_the_record():
+  """Not swallowed as a bad record, not a hang: the KeyError itself, with a note naming the record."""
+  from coma_jax.data.pipeline import BatchSpec, GlobalBatchIterator, StepReader
+  from coma_jax.data.sampler import EpochSampler
+  reader = StepReader(list(range(8)), EpochSampler(8, 8, seed=0), BuggyExamples(), 0, 1, 'skip')
+  with time_limit(120), pytest.raises(KeyError, match='a bug') as e:
+    next(GlobalBatchIterator(reader, BatchSpec(model_config(), BUCKETS, 1, 8), num_steps=1, num_workers=2,
+                             max_bad_fraction=1.0))
+  assert any('record 5 (global id) at step 0' in note for note in e.value.__notes__)
+
+
 def cli(args):
   return build_tfds.main([str(a) for a in args])
 
