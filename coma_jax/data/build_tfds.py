@@ -71,7 +71,8 @@ def fingerprint(kind: str, version: str, splits: dict[str, list[str]], image_roo
   """What the dataset's content depends on: the raw files (size and content hash, not the
   images), the builder arguments and the builder version. JSON-normalised."""
   return json.loads(json.dumps({
-      'builder': kind, 'version': version, 'image_root': image_root, 'allow_empty_subsets': allow_empty_subsets,
+      'builder': kind, 'version': version, 'image_root': image_root and os.path.abspath(image_root),
+      'allow_empty_subsets': allow_empty_subsets,
       'splits': {name: [file_digest(f) for f in files] for name, files in sorted(splits.items())}}))
 
 
