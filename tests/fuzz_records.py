@@ -106,7 +106,8 @@ def write_stage1(root: str) -> tuple[str, dict, dict]:
   }
   for rid, (record, outcome) in records.items():
     lines.append(json.dumps(record))
-    expected['12345' if rid == 'numeric_id' else rid] = outcome
+    name = {'numeric_id': '12345', 'surrogate_id': f'fuzz.jsonl:{len(lines)}'}.get(rid, rid)  # an unusable id:
+    expected[name] = outcome  # the record is named by its file and line
   lines += [json.dumps(qa(f'plain_{i}', images['good'][0], question=f'Question {i}?')) for i in range(6)]
   expected.update({f'plain_{i}': None for i in range(6)})
   path = os.path.join(root, 'fuzz.jsonl')
@@ -115,9 +116,12 @@ def write_stage1(root: str) -> tuple[str, dict, dict]:
     f.write(b'{"id": "non_utf8_bytes", "conversations": [{"from": "human", "value": "\xff\xfe"}]}\n')
     f.write(b'{"id": "malformed_json", "conversations": [\n')
     f.write(b'[1, 2, 3]\n')
+    f.write(b'[' * 100_000 + b']' * 100_000 + b'\n')  # nested too deep for the JSON parser
+    f.write(b'{"id": ' + b'7' * 5000 + b'}\n')  # an integer longer than Python converts
   n = len(lines)
   expected.update({f'fuzz.jsonl:{n + 1}': 'non-UTF-8 text', f'fuzz.jsonl:{n + 2}': 'malformed record',
-                   f'fuzz.jsonl:{n + 3}': 'malformed record'})
+                   f'fuzz.jsonl:{n + 3}': 'malformed record', f'fuzz.jsonl:{n + 4}': 'malformed record',
+                   f'fuzz.jsonl:{n + 5}': 'malformed record'})
   return path, expected, sources
 
 

@@ -9,10 +9,13 @@ import sys
 
 import numpy as np
 import pytest
+from PIL import Image
 
 from coma_jax.data import build_tfds
 from coma_jax.data.bad_records import BadDataError, BadRecord
-from coma_jax.data.batching import Bucket
+from coma_jax.data.batching import Bucket, example_slots
+from coma_jax.data.formats import Side
+from coma_jax.data.sequences import TokenIds, stage2_example
 from coma_jax.data.image import decode_image
 from coma_jax.data.loaders import Stage1Examples, open_builder, sequence_settings, stage1_loader
 from coma_jax.data.tfds_builders.stage1_qa import record_from_features
@@ -54,8 +57,22 @@ def time_limit(seconds):
     signal.signal(signal.SIGALRM, previous)
 
 
+def outcomes_by_name(builder, files, split):
+  """Each raw row through the build's own check: its name -> its reason, or None when kept."""
+  out = {}
+  for index, location, row in builder._rows(files):
+    try:
+      if isinstance(row, BadRecord):
+        raise row
+      out[builder.example(row, split, index, location)['id']] = None
+    except BadRecord as e:
+      out[e.record_id] = e.reason
+  return out
+
+
 def test_one_build_over_every_class_counts_each_by_reason(stage1):
-  _, _, expected, _, builder = stage1
+  _, path, expected, _, builder = stage1
+  assert outcomes_by_name(builder, [path], 'train') == expected  # each record named, with its reason
   bad = builder.info.metadata['bad_records']
   assert bad['by_reason'] == dict(reasons(expected))
   kept = [rid for rid, outcome in expected.items() if outcome is None]
@@ -113,6 +130,14 @@ def test_load_time_checks_and_plain_text_special_tokens(stage1, tok):
   special, twin = outcomes['special_tokens'], outcomes['special_tokens_twin']
   assert control(special) == control(twin)
   assert fuzz_records.SPECIAL_TEXT in tok.decode(special.tokens.tolist())
+  # Stage 2: in the query and in the target, with and without an image.
+  ids, slots = TokenIds.of(tok, 8), lambda grids: example_slots(grids, cfg)
+  photo = (stage1[0] / 'images' / 'good.jpg').read_bytes()
+  for image, tag in ((None, ''), (photo, '<|image_1|>\n')):
+    side = lambda text: stage2_example(Side(tag + text, image), 'side', tok, ids, settings, slots)
+    special, twin = side(fuzz_records.SPECIAL_TEXT), side('look')
+    assert control(special) == control(twin)
+    assert fuzz_records.SPECIAL_TEXT in tok.decode(special.tokens.tolist())
 
 
 def test_a_loader_epoch_balances_its_report(stage1, tok):
@@ -196,6 +221,7 @@ def test_mmeb_all_bad_subset_fails_cleanly_or_is_reported(tmp_path, capsys):
   bad = builder.info.metadata['bad_records']
   assert bad['empty_subsets'] == ['AllBad'] and set(builder.info.splits) == {'Mixed'}
   assert bad['splits']['Mixed']['by_reason'] == dict(reasons(expected))
+  assert outcomes_by_name(builder, builder.raw_splits['Mixed'], 'Mixed') == expected
   assert builder.info.splits['Mixed'].num_examples == sum(o is None for o in expected.values())
   assert bad['records'] == bad['kept'] + bad['skipped'] == len(expected) + 3
   # The default guard: 10 of 14 records are bad.
@@ -249,6 +275,46 @@ def test_a_changed_input_is_refused_unless_overwritten(tmp_path):
     build_tfds.build('stage1_qa', str(tmp_path / 'tfds'), **kw)
   with pytest.raises(build_tfds.DatasetMismatch, match=r'(?s)Differences.*image_root: built'):
     build_tfds.build('stage1_qa', str(tmp_path / 'tfds'), inputs=kw['inputs'], image_root=str(tmp_path))
+  with pytest.raises(BadDataError):  # an overwrite that fails keeps the good dataset
+    build_tfds.build('stage1_qa', str(tmp_path / 'tfds'), overwrite=True, inputs=kw['inputs'], image_root=str(tmp_path))
+  assert open_builder(str(tmp_path / 'tfds'), 'stage1_qa').info.splits['train'].num_examples == 3
   rebuilt = build_tfds.build('stage1_qa', str(tmp_path / 'tfds'), overwrite=True, **kw)
   assert rebuilt.info.splits['train'].num_examples == 4
   assert open_builder(str(tmp_path / 'tfds'), 'stage1_qa').info.splits['train'].num_examples == 4
+
+
+def test_parquet_image_columns_and_subset_names(tmp_path):
+  """b'' is a binary column's "no image"; a Hugging Face image struct carries bytes or a path."""
+  import pyarrow as pa
+  import pyarrow.parquet as pq
+  images = fuzz_records.write_images(str(tmp_path / 'images'))
+  photo = (tmp_path / 'images' / images['good'][0]).read_bytes()
+  rows = [{'id': 'bytes_struct', 'qry': 'Find it.', 'qry_image_path': {'bytes': b'', 'path': ''},
+           'pos_text': '<|image_1|>\nRepresent it.', 'pos_image_path': {'bytes': photo, 'path': ''}},
+          {'id': 'path_struct', 'qry': 'Find it.', 'qry_image_path': {'bytes': b'', 'path': ''},
+           'pos_text': '<|image_1|>\nRepresent it.', 'pos_image_path': {'bytes': b'', 'path': images['good'][0]}}]
+  (tmp_path / 'raw' / 'VOC').mkdir(parents=True)
+  pq.write_table(pa.Table.from_pylist(rows), str(tmp_path / 'raw' / 'VOC' / 'train.parquet'))
+  binary = [{'id': 'binary', 'qry': 'Find it.', 'qry_image_path': b'', 'pos_text': '<|image_1|>', 'pos_image_path': photo}]
+  pq.write_table(pa.Table.from_pylist(binary), str(tmp_path / 'raw' / 'COCO.parquet'))
+  builder = build_tfds.build('mmeb_train', str(tmp_path / 'tfds'), input_dir=str(tmp_path / 'raw'),
+                             image_root=str(tmp_path / 'images'), max_bad_fraction=0.0)
+  assert {k: v.num_examples for k, v in builder.info.splits.items()} == {'VOC': 2, 'COCO': 1}
+  source = builder.as_data_source()['VOC']
+  assert all(bytes(source[i]['qry_image']) == b'' and bytes(source[i]['pos_image']) == photo for i in range(2))
+  (tmp_path / 'raw' / 'VOC_').mkdir()
+  (tmp_path / 'raw' / 'VOC-').mkdir()
+  for name in ('VOC_', 'VOC-'):
+    pq.write_table(pa.Table.from_pylist(rows), str(tmp_path / 'raw' / name / 'train.parquet'))
+  with pytest.raises(build_tfds.BuildInputError, match=r"\[\['VOC-', 'VOC_'\]\] would share a TFDS split name"):
+    build_tfds.build('mmeb_train', str(tmp_path / 'tfds2'), input_dir=str(tmp_path / 'raw'))
+
+
+def test_oversized_and_odd_image_files_are_named(tmp_path):
+  from coma_jax.data.image import ImageSettings
+  path = tmp_path / 'big.png'
+  path.write_bytes(fuzz_records.image_bytes(Image.new('RGB', (50, 50)), 'PNG'))
+  with pytest.raises(BadRecord, match="'big': image file too large"):
+    decode_image(str(path), 'big', ImageSettings(max_file_bytes=10))
+  with pytest.raises(BadRecord, match="'big': image file too large"):
+    decode_image(path.read_bytes(), 'big', ImageSettings(max_file_bytes=10))

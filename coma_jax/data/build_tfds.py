@@ -17,6 +17,7 @@ A dataset already built from the same input is reused; from a different input it
 from __future__ import annotations
 
 import argparse
+import collections
 import glob
 import hashlib
 import json
@@ -41,7 +42,7 @@ def discover_splits(input_dir: str, prefix: str = '') -> dict[str, list[str]]:
     try:
       entry.encode('utf-8')
     except UnicodeEncodeError:
-      raise ValueError(f'subset {entry!r} under {input_dir}: the name is not UTF-8; rename it') from None
+      raise BuildInputError(f'subset {entry!r} under {input_dir}: the name is not UTF-8; rename it') from None
     if os.path.isdir(path):
       files = sorted(f for f in glob.glob(os.path.join(path, '**', '*'), recursive=True)
                      if f.endswith(RAW_SUFFIXES) and os.path.basename(f).startswith(prefix))
@@ -54,7 +55,11 @@ def discover_splits(input_dir: str, prefix: str = '') -> dict[str, list[str]]:
   return splits
 
 
-class DatasetMismatch(ValueError):
+class BuildInputError(ValueError):
+  """The build's own input is wrong (a missing argument, a subset folder name): not a record."""
+
+
+class DatasetMismatch(BuildInputError):
   """A dataset already built in the data folder from other input or other builder arguments."""
 
 
@@ -90,13 +95,20 @@ def build(kind: str, data_dir: str, *, inputs=None, input_dir=None, image_root=N
   from coma_jax.data.tfds_builders.stage1_qa import Stage1Qa
   if kind == 'stage1_qa':
     if not inputs:
-      raise ValueError('stage1_qa needs --input (a LLaVA-style JSONL file)')
+      raise BuildInputError('stage1_qa needs --input (a LLaVA-style JSONL file)')
     cls, splits = Stage1Qa, {'train': list(inputs)}
   else:
     if not input_dir:
-      raise ValueError(f'{kind} needs --input-dir (one folder or file per subset)')
+      raise BuildInputError(f'{kind} needs --input-dir (one folder or file per subset)')
     cls = {'mmeb_train': MmebTrain, 'mmeb_eval': MmebEval}[kind]
     splits = discover_splits(input_dir, split_prefix)
+  from coma_jax.data.tfds_builders.base import split_name
+  names = collections.defaultdict(list)
+  for name in splits:
+    names[split_name(name)].append(name)
+  clashes = [group for group in names.values() if len(group) > 1]
+  if clashes:
+    raise BuildInputError(f'subsets {clashes} would share a TFDS split name; rename one of each')
   for files in splits.values():
     for f in files:
       if not os.path.isfile(f):
@@ -115,10 +127,26 @@ def build(kind: str, data_dir: str, *, inputs=None, input_dir=None, image_root=N
       raise DatasetMismatch(f'{builder.data_dir} was built from other input or arguments; rebuild it with '
                             '--overwrite (overwrite=True) or build into another --data-dir. Differences:\n  '
                             + '\n  '.join(_differences(built, expected) or ['no fingerprint (an older build)']))
-    log.warning('overwriting %s', builder.data_dir)
-    shutil.rmtree(builder.data_dir)
-    builder = make()
+    return _replace(builder.data_dir, make)
   builder.download_and_prepare()
+  return builder
+
+
+def _replace(version_dir: str, make):
+  """Rebuilds a dataset; the old one is kept aside until the new one is complete, and restored
+  if the build fails (a wrong image root must not cost the good dataset)."""
+  previous = version_dir.rstrip('/') + '.previous'  # not a version folder: loaders never pick it
+  shutil.rmtree(previous, ignore_errors=True)
+  os.rename(version_dir, previous)
+  try:
+    builder = make()
+    builder.download_and_prepare()
+  except BaseException:
+    if not os.path.exists(version_dir):
+      os.rename(previous, version_dir)
+    raise
+  log.warning('rebuilt %s from changed input', version_dir)
+  shutil.rmtree(previous)
   return builder
 
 
@@ -157,7 +185,7 @@ def main(argv=None):
                     image_root=args.image_root, on_bad_record=args.on_bad_record, split_prefix=args.split_prefix,
                     max_bad_fraction=args.max_bad_fraction, allow_empty_subsets=args.allow_empty_subsets,
                     overwrite=args.overwrite)
-  except (BadRecord, BadDataError, DatasetMismatch, FileNotFoundError) as e:
+  except (BadRecord, BadDataError, BuildInputError, FileNotFoundError) as e:
     print(f'error: {e}', file=sys.stderr)
     report = getattr(e, 'report', None)
     if report:

@@ -72,10 +72,10 @@ def check_text(value, record_id: str, field: str) -> str:
 def record_id_of(value, fallback: str) -> str:
   """A record's `id` field (text or an integer), else `fallback` (its file and line). A bad id
   is a bad record named by the fallback: it would otherwise crash the dataset writer."""
-  if value is None:
-    return fallback
-  if isinstance(value, int) and not isinstance(value, bool):
-    return str(value)
+  if value is None or (isinstance(value, float) and not value.is_integer()):
+    return fallback  # NaN: a missing id in a parquet column
+  if isinstance(value, (int, float)) and not isinstance(value, bool):
+    return str(int(value))  # an integer id, or one stored as float64 by a nullable column
   return check_text(value, fallback, 'id') or fallback
 
 
@@ -168,8 +168,10 @@ def convert_qa_generation(obj: dict, index: int) -> dict:
 def _side(row: dict, text_key: str, image_key: str, rid: str, image_root: str | None) -> Side:
   text = check_text(row.get(text_key), rid, text_key)
   image = row.get(image_key)
+  if isinstance(image, dict):  # a Hugging Face image struct {bytes, path}
+    image = image.get('bytes') or image.get('path')
   if isinstance(image, bytes):
-    return Side(text, image)
+    return Side(text, image or None)  # b'': a parquet binary column's "no image"
   image = check_text(image, rid, image_key) or None
   return Side(text, None if image is None else _image_path(image, image_root))
 
@@ -180,7 +182,7 @@ def parse_mmeb_train(row: dict, subset: str, index: int, image_root: str | None 
   query = _side(row, 'qry', 'qry_image_path', rid, image_root)
   positive = _side(row, 'pos_text', 'pos_image_path', rid, image_root)
   negative = None
-  if row.get('neg_text') or row.get('neg_image_path'):
+  if any(row.get(k) not in (None, '', b'') for k in ('neg_text', 'neg_image_path')):
     negative = _side(row, 'neg_text', 'neg_image_path', rid, image_root)
   for name, side in (('query', query), ('positive', positive), ('negative', negative)):
     if side is not None:
@@ -201,9 +203,10 @@ def parse_mmeb_eval(row: dict, dataset: str, index: int, image_root: str | None 
   texts += [''] * (n - len(texts))
   paths += [''] * (n - len(paths))
   candidates = tuple(_side({'t': t, 'p': p}, 't', 'p', rid, image_root) for t, p in zip(texts, paths))
-  check_side(query, rid, 'query')
-  for i, candidate in enumerate(candidates):
-    check_side(candidate, rid, f'candidate {i}')
+  for name, side in [('query', query)] + [(f'candidate {i}', c) for i, c in enumerate(candidates)]:
+    check_side(side, rid, name)
+    if isinstance(side.image, bytes):  # eval keeps paths: candidates share images across queries
+      raise BadRecord(rid, 'malformed record', f'the {name} embeds image bytes; mmeb_eval takes image paths')
   return EvalRecord(id=rid, dataset=dataset, query=query, candidates=candidates)
 
 
@@ -219,8 +222,8 @@ def read_jsonl(path: str) -> Iterator[tuple[str, dict | BadRecord]]:
       except UnicodeDecodeError as e:
         yield rid, BadRecord(rid, 'non-UTF-8 text', str(e))
         continue
-      except json.JSONDecodeError as e:
-        yield rid, BadRecord(rid, 'malformed record', f'not JSON: {e}')
+      except (ValueError, RecursionError) as e:  # not JSON, nested too deep, an integer too long
+        yield rid, BadRecord(rid, 'malformed record', f'not JSON: {type(e).__name__}: {str(e)[:200]}')
         continue
       if not isinstance(obj, dict):
         yield rid, BadRecord(rid, 'malformed record', 'a line is not a JSON object')

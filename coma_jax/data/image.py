@@ -30,6 +30,7 @@ class ImageSettings:
   merge_size: int = 2
   temporal_patch_size: int = 2
   max_source_pixels: int = 64 * 1024 * 1024  # larger is refused as a decompression bomb
+  max_file_bytes: int = 256 * 1024 * 1024  # larger is refused before it is read
 
   def grid(self, height: int, width: int) -> tuple[int, int, int]:
     """The (t, h, w) patch grid an image of this size becomes."""
@@ -159,10 +160,18 @@ def decode_image(source: bytes | str, record_id: str, settings: ImageSettings = 
       raise BadRecord(record_id, 'missing image file', source)
     if not os.path.isfile(source):
       raise BadRecord(record_id, 'image path is not a file', source)
-    with open(source, 'rb') as f:
-      source = f.read()
+    try:
+      size = os.path.getsize(source)
+      if size > settings.max_file_bytes:
+        raise BadRecord(record_id, 'image file too large', f'{source}: {size} bytes > max_file_bytes')
+      with open(source, 'rb') as f:
+        source = f.read()
+    except OSError as e:  # permissions, I/O errors
+      raise BadRecord(record_id, 'unreadable image file', f'{type(e).__name__}: {e}') from None
   if len(source) == 0:
     raise BadRecord(record_id, 'empty image file')
+  if len(source) > settings.max_file_bytes:
+    raise BadRecord(record_id, 'image file too large', f'{len(source)} bytes > max_file_bytes')
   try:
     with warnings.catch_warnings():
       warnings.simplefilter('error', Image.DecompressionBombWarning)
@@ -180,6 +189,7 @@ def decode_image(source: bytes | str, record_id: str, settings: ImageSettings = 
     raise
   except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
     raise BadRecord(record_id, 'decompression bomb', str(e)) from None
-  except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
+  except Exception as e:  # noqa: BLE001 -- only PIL's decoders run here, on untrusted bytes: any
+    # error they raise (OSError, SyntaxError, NotImplementedError for an unsupported variant...) is the data's
     raise BadRecord(record_id, 'corrupt image', f'{type(e).__name__}: {e}') from None
   return to_rgb(image, record_id)
