@@ -79,6 +79,9 @@ class RawFilesBuilder(tfds.core.GeneratorBasedBuilder):
           bad.kept += 1
         except BadRecord as e:
           bad.handle(e)
+        except Exception as e:  # a bug, not data: it stops the build, naming the row
+          e.add_note(f'coma_jax: while checking {location} of {name!r}')
+          raise
     total = BadRecordLog(self.on_bad_record)
     for bad in logs.values():
       total.merge(bad)
