@@ -38,15 +38,15 @@ SETTINGS = {
 
 def timed(it, steps):
   start = time.perf_counter()
-  step, batch = next(it)  # the first batch includes worker start-up; it is timed apart
+  next(it)  # the first batch includes worker start-up; it is timed apart
   first = time.perf_counter() - start
   start, examples, waste = time.perf_counter(), 0, []
   for _ in range(steps):
-    step, batch = next(it)
-    sides = [batch] if 'stats' in batch else list(batch.values())
-    examples += sides[0]['stats']['examples']
-    waste.append([np.mean([s['stats']['token_padding_waste'] for s in sides]),
-                  np.mean([s['stats']['vision_padding_waste'] for s in sides])])
+    _, _, info = next(it)
+    sides = [info.stats] if 'examples' in info.stats else list(info.stats.values())
+    examples += sides[0]['examples']
+    waste.append([np.mean([s['token_padding_waste'] for s in sides]),
+                  np.mean([s['vision_padding_waste'] for s in sides])])
   return examples / (time.perf_counter() - start), first, np.mean(waste, axis=0)
 
 
@@ -71,7 +71,7 @@ def main():
                        image_root=os.path.join(root, 'mmeb', 'images'))
       for workers in args.workers:
         common = dict(global_batch=args.batch, seed=0, image=s['image'], num_workers=workers,
-                      num_steps=args.steps + 1)
+                      end_step=args.steps + 1)
         loaders = {  # made one at a time: idle workers of one must not compete with the other
             '1': lambda: stage1_loader(os.path.join(root, 'tfds'), cfg, tok, buckets=s['stage1_buckets'], **common),
             '2': lambda: stage2_loader(os.path.join(root, 'tfds'), cfg, tok, buckets=s['stage2_buckets'],

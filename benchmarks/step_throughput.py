@@ -74,7 +74,7 @@ def jax_step_time(hf_dir, examples, length, steps, mask):
   mesh = make_mesh((1, 1, 1), jax.devices()[:1])
   setup = build_train_setup(model, mesh, lambda g, tx: make_stage1_step(g, tx, cfg), rules=rules_dict(()),
                             optim=OptimConfig(total_steps=100), trainable=TrainableConfig())
-  batch = jax.device_put({k: v for k, v in batch.items() if k not in ('stats',)})
+  batch = jax.device_put(batch)
   holder = {'state': setup.state}
 
   def run():
@@ -159,7 +159,7 @@ def jax_stage2_time(hf_dir, pairs, length, steps, chunks):
   cfg = Stage2StepConfig(chunks=chunks)
   setup = build_train_setup(model, make_mesh((1, 1, 1), jax.devices()[:1]), lambda g, tx: make_stage2_step(g, tx, cfg),
                             rules=rules_dict(()), optim=OptimConfig(total_steps=100), trainable=TrainableConfig())
-  placed = jax.device_put({s: {k: v for k, v in b.items() if k != 'stats'} for s, b in batch.items()})
+  placed = jax.device_put(batch)
   holder = {'state': setup.state}
 
   def run():

@@ -145,7 +145,8 @@ def test_a_loader_epoch_balances_its_report(stage1, tok):
   kept = sum(o is None for o in expected.values())
   it = stage1_loader(str(root / 'tfds'), model_config(), tok, global_batch=kept, buckets=BUCKETS, seed=0,
                      image=SMALL_IMAGES, num_compression_tokens=8, max_bad_fraction=0.1)
-  (_, batch), = list(it)
+  (_, batch, info), = list(it)
+  assert info.stats['examples'] == kept - 1 and info.bad_records == 1
   assert it.report()['records'] == kept and it.report()['by_reason'] == {'too long': 1}
   assert it.report()['kept'] == int(batch['example_valid'].sum()) == kept - 1
 
@@ -153,7 +154,7 @@ def test_a_loader_epoch_balances_its_report(stage1, tok):
 def test_the_load_guard_stops_a_run_of_mostly_bad_records(stage1, tok):
   root = stage1[0]
   it = stage1_loader(str(root / 'tfds'), model_config(), tok, global_batch=4, buckets=[(32, 64, 16)], seed=0,
-                     image=SMALL_IMAGES, num_compression_tokens=8, max_bad_fraction=0.5, num_steps=20)
+                     image=SMALL_IMAGES, num_compression_tokens=8, max_bad_fraction=0.5, end_step=20)
   with pytest.raises(BadDataError, match=r'data loading.*> data.max_bad_fraction 0.5.*top reasons: too long'):
     list(it)
   assert it.report()['records'] >= 20  # the guard waits for enough records (10 / max_bad_fraction)
@@ -184,7 +185,7 @@ def test_a_bug_in_a_worker_surfaces_as_itself_naming_the_record():
   from coma_jax.data.sampler import EpochSampler
   reader = StepReader(list(range(8)), EpochSampler(8, 8, seed=0), BuggyExamples(), 0, 1, 'skip')
   with time_limit(120), pytest.raises(KeyError, match='a bug') as e:
-    next(GlobalBatchIterator(reader, BatchSpec(model_config(), BUCKETS, 1, 8), num_steps=1, num_workers=2,
+    next(GlobalBatchIterator(reader, BatchSpec(model_config(), BUCKETS, 1, 8), end_step=1, num_workers=2,
                              max_bad_fraction=1.0))
   assert any('record 5 (global id) at step 0' in note for note in e.value.__notes__)
 

@@ -55,17 +55,18 @@ def test_builder_error_policy_names_the_record(stage1_dir, tmp_path):
 
 
 def test_fifty_batches_use_at_most_one_shape_per_bucket(stage1_dir, tok):
-  it = loader(stage1_dir, tok, num_steps=50)
+  it = loader(stage1_dir, tok, end_step=50)
   shapes, buckets, wastes = set(), set(), []
-  for step, batch in it:
-    leaves = jax.tree.leaves({k: v for k, v in batch.items() if k not in ('stats', 'bucket')})
+  for step, batch, info in it:
+    leaves = jax.tree.leaves(batch)
+    assert all(isinstance(x, np.ndarray) for x in leaves)  # arrays only: it goes into jit as it is
     shapes.add(tuple(np.shape(x) for x in leaves))
-    buckets.add(batch['bucket'])
-    stats = batch['stats']
+    buckets.add(info.bucket)
+    stats = info.stats
     wastes.append(stats['token_padding_waste'])
     assert stats['examples'] == 4 and 0 <= stats['vision_padding_waste'] < 1
     inputs = batch['inputs']
-    assert inputs.pixel_patches.shape[:2] == (4, batch['bucket'].vision_slots)  # 1 example per group
+    assert inputs.pixel_patches.shape[:2] == (4, info.bucket.vision_slots)  # 1 example per group
     # Every supervised target sits right after its position, and compression tokens are where roles say.
     rows = np.arange(4)[:, None]
     ok = batch['label_positions'] >= 0
@@ -76,14 +77,14 @@ def test_fifty_batches_use_at_most_one_shape_per_bucket(stage1_dir, tok):
 
 
 def test_workers_and_resume_give_identical_batches(stage1_dir, tok):
-  ids = lambda it: [(s, b['inputs'].input_ids.copy()) for s, b in it]
-  plain = ids(loader(stage1_dir, tok, num_steps=6))
-  with_workers = ids(loader(stage1_dir, tok, num_steps=6, num_workers=2))
+  ids = lambda it: [(s, b['inputs'].input_ids.copy()) for s, b, _ in it]
+  plain = ids(loader(stage1_dir, tok, end_step=6))
+  with_workers = ids(loader(stage1_dir, tok, end_step=6, num_workers=2))
   assert all(a[0] == b[0] and np.array_equal(a[1], b[1]) for a, b in zip(plain, with_workers))
-  it = loader(stage1_dir, tok, num_steps=6)
+  it = loader(stage1_dir, tok, end_step=6)
   next(it), next(it), next(it)
   assert it.state() == {'step': 3}
-  resumed = ids(loader(stage1_dir, tok, num_steps=6, start_step=it.state()['step']))
+  resumed = ids(loader(stage1_dir, tok, end_step=6, start_step=it.state()['step']))
   assert [s for s, _ in resumed] == [3, 4, 5]
   assert all(np.array_equal(a[1], b[1]) for a, b in zip(plain[3:], resumed))
 
@@ -95,15 +96,18 @@ def valid_rows(batch):
 
 def test_two_processes_resume_as_one_and_back(stage1_dir, tok):
   """The state is a global position: 2 processes' slices of step s are exactly 1 process's step s."""
-  two = [loader(stage1_dir, tok, num_steps=8, process_index=p, process_count=2) for p in range(2)]
-  for _ in range(5):
+  two = [loader(stage1_dir, tok, end_step=8, process_index=p, process_count=2) for p in range(2)]
+  size = len(open_builder(str(stage1_dir / 'tfds'), 'stage1_qa').as_data_source()['train'])
+  for step in range(5):
     halves = [next(it)[1] for it in two]
+    ids = halves[0]['example_ids'].tolist() + halves[1]['example_ids'].tolist()
+    assert ids == EpochSampler(size, 4, seed=0).batch_ids(step).tolist()  # global example ids, in order
   assert {it.state()['step'] for it in two} == {5}
-  one = loader(stage1_dir, tok, num_steps=8, start_step=4)
-  _, whole = next(one)
+  one = loader(stage1_dir, tok, end_step=8, start_step=4)
+  _, whole, _ = next(one)
   assert valid_rows(halves[0]) + valid_rows(halves[1]) == valid_rows(whole)
-  _, next_whole = next(one)
-  back = [loader(stage1_dir, tok, num_steps=8, start_step=one.state()['step'] - 1, process_index=p,
+  _, next_whole, _ = next(one)
+  back = [loader(stage1_dir, tok, end_step=8, start_step=one.state()['step'] - 1, process_index=p,
                  process_count=2) for p in range(2)]
   assert sum((valid_rows(next(it)[1]) for it in back), []) == valid_rows(next_whole)
 
@@ -115,13 +119,14 @@ def test_a_bad_record_at_load_time_becomes_a_counted_padding_row(stage1_dir, tok
   settings = sequence_settings([Bucket(*b) for b in BUCKETS], image=SMALL_IMAGES)
   reader = StepReader(source, EpochSampler(8, 8, seed=0), Stage1Examples(tok, settings, cfg), 0, 1)
   spec = BatchSpec(cfg, [Bucket(*b) for b in BUCKETS], 1, settings.num_compression_tokens)
-  _, batch = next(GlobalBatchIterator(reader, spec, num_steps=1))
+  _, batch, info = next(GlobalBatchIterator(reader, spec, end_step=1))
+  assert info.bad_records == 1 and info.stats['examples'] == 7
   bad_row = int(np.flatnonzero(EpochSampler(8, 8, seed=0).batch_ids(0) == 2)[0])
   assert not batch['example_valid'][bad_row] and batch['example_valid'].sum() == 7
   assert not batch['inputs'].token_valid[bad_row].any() and (batch['label_positions'][bad_row] == -1).all()
   with pytest.raises(BadRecord, match='corrupt image'):
     next(GlobalBatchIterator(StepReader(source, EpochSampler(8, 8, seed=0), reader.make_example, 0, 1, 'error'),
-                             spec, num_steps=1))
+                             spec, end_step=1))
 
 
 def test_global_arrays_on_a_data_mesh(stage1_dir, tok):
@@ -132,7 +137,7 @@ def test_global_arrays_on_a_data_mesh(stage1_dir, tok):
     spec[BATCH_AXIS.get(name, 0)] = 'data'
     return NamedSharding(mesh, P(*spec))
 
-  _, batch = next(loader(stage1_dir, tok, global_batch=8, num_steps=1))
+  _, batch, _ = next(loader(stage1_dir, tok, global_batch=8, end_step=1))
   arrays = to_global(batch, sharding)
   ids = arrays['inputs'].input_ids
   assert isinstance(ids, jax.Array) and ids.sharding.spec == P('data', None)
@@ -146,10 +151,11 @@ def test_stage2_pairs_with_hard_negatives(tmp_path, tok):
   builder = open_builder(str(tmp_path / 'tfds'), 'mmeb_train')
   assert builder.info.metadata['split_names']['OK_VQA'] == 'OK-VQA'
   it = stage2_loader(str(tmp_path / 'tfds'), model_config(), tok, global_batch=8, block_size=4,
-                     buckets=[(128, 256), (256, 512)], seed=0, num_steps=12, image=SMALL_IMAGES,
+                     buckets=[(128, 256), (256, 512)], seed=0, end_step=12, image=SMALL_IMAGES,
                      num_compression_tokens=8, hard_negatives=True)
   shapes = {side: set() for side in ('query', 'positive', 'negative')}
-  for _, batch in it:
+  for _, batch, info in it:
+    assert set(info.bucket) == {'query', 'positive', 'negative'}
     assert batch['query']['example_valid'].all() and batch['positive']['example_valid'].all()
     has_neg = batch['negative']['example_valid']
     for block in range(2):  # blocks of 4 from one subset: negatives all or none
@@ -202,7 +208,7 @@ def test_two_real_processes_assemble_the_one_process_batch(stage1_dir, tok):
     assert p.returncode == 0, err[-3000:]
     results.append(json.loads(out.split('RESULT ', 1)[1]))
   assert results[0] == results[1]  # both processes see the same global arrays
-  for step_result, (step, batch) in zip(results[0], loader(stage1_dir, tok, num_steps=3)):
+  for step_result, (step, batch, info) in zip(results[0], loader(stage1_dir, tok, end_step=3)):
     ids = batch['inputs'].input_ids.astype(np.int64)
-    assert step_result['shape'] == list(ids.shape) and step_result['bucket'] == batch['bucket'].seq_len
+    assert step_result['shape'] == list(ids.shape) and step_result['bucket'] == info.bucket.seq_len
     assert step_result['checksum'] == int((ids * (1 + np.arange(ids.shape[0]))[:, None]).sum())

@@ -13,12 +13,11 @@ from typing import Sequence
 
 import numpy as np
 
-from coma_jax.data.sequences import IGNORE, ROLE_COMPRESSION, ROLE_PAD, Example, SequenceSettings
+from coma_jax.data.sequences import IGNORE, ROLE_COMPRESSION, ROLE_DIALOGUE, ROLE_PAD, Example, SequenceSettings
 from coma_jax.model.config import ModelConfig
 from coma_jax.model.inputs import build_grouped_inputs, build_model_inputs
 from coma_jax.model.rope_index import get_rope_index
 from coma_jax.model.vision_layout import build_vision_layout, slots_needed
-from coma_jax.training.stage1_attention import split_indices
 
 
 @dataclasses.dataclass(frozen=True, order=True)
@@ -97,10 +96,12 @@ def collate(examples: Sequence[Example | None], cfg: ModelConfig, bucket: Bucket
             examples_per_group: int, num_compression_tokens: int) -> dict:
   """Pads examples (None = a skipped bad record: an all-padding row) into one static batch.
 
-  Returns numpy arrays: 'inputs' (ModelInputs), 'roles', 'labels' (HF style, IGNORE = -100),
+  Returns numpy arrays only (a pytree whose structure is fixed by the bucket, so it goes into a
+  jitted step as it is): 'inputs' (ModelInputs), 'roles', 'labels' (HF style, IGNORE = -100),
   'label_positions' / 'label_targets' (B, label_slots): the positions whose logits predict a
   supervised token and that token (-1 = padding), 'compression_positions' (B, K),
-  'example_valid' (B,), plus 'stats' (padding waste, truncation cuts).
+  'example_valid' (B,), 'split_index' / 'split_slot' (the stage-1 mask's gathers). Host-side
+  statistics are `batch_stats`.
   """
   b, length, k = len(examples), bucket.seq_len, num_compression_tokens
   if b % examples_per_group:
@@ -113,7 +114,6 @@ def collate(examples: Sequence[Example | None], cfg: ModelConfig, bucket: Bucket
   label_targets = np.full((b, bucket.label_slots), -1, np.int32)
   compression = np.zeros((b, k), np.int32)
   valid = np.zeros(b, bool)
-  cuts = collections.Counter()
   for row, ex in enumerate(examples):
     if ex is None:
       continue
@@ -133,7 +133,6 @@ def collate(examples: Sequence[Example | None], cfg: ModelConfig, bucket: Bucket
       raise ValueError(f'example {ex.id!r} has {len(positions)} compression tokens, expected {k}')
     compression[row] = positions
     valid[row] = True
-    cuts.update(ex.cuts)
 
   groups = b // examples_per_group
   if bucket.vision_slots:  # every batch keeps its vision arrays (empty ones too): static shapes
@@ -145,14 +144,46 @@ def collate(examples: Sequence[Example | None], cfg: ModelConfig, bucket: Bucket
                                   vision_rows=1, vision_row_len=bucket.vision_slots)
   else:
     inputs = build_model_inputs(cfg, ids, mask, seq_len=length)
-  real_patches = sum(e.num_patches for e in examples if e is not None)
-  stats = {
-      'examples': int(valid.sum()),
-      'token_padding_waste': 1.0 - mask.sum() / mask.size,
-      'vision_padding_waste': (1.0 - real_patches / (groups * bucket.vision_slots)) if bucket.vision_slots else 0.0,
-      'cuts': dict(cuts),
-  }
   split_index, split_slot = split_indices(roles)
   return {'inputs': inputs, 'roles': roles, 'labels': labels, 'label_positions': label_positions,
           'label_targets': label_targets, 'compression_positions': compression, 'example_valid': valid,
-          'split_index': split_index, 'split_slot': split_slot, 'stats': stats}
+          'split_index': split_index, 'split_slot': split_slot}
+
+
+CUT_KINDS = ('dropped_turns', 'trimmed_input_text', 'trimmed_text')
+
+
+def batch_stats(examples: Sequence[Example | None], bucket: Bucket, examples_per_group: int) -> dict:
+  """Host-side statistics of one collated batch (for the metrics; never sent to the device):
+  examples, token and vision padding waste, truncation cuts by kind (fixed keys)."""
+  real = [e for e in examples if e is not None]
+  tokens = sum(len(e.tokens) for e in real)
+  groups = len(examples) // examples_per_group
+  cuts = collections.Counter()
+  for e in real:
+    cuts.update(e.cuts)
+  return {
+      'examples': len(real),
+      'token_padding_waste': 1.0 - tokens / (len(examples) * bucket.seq_len),
+      'vision_padding_waste': (1.0 - sum(e.num_patches for e in real) / (groups * bucket.vision_slots))
+      if bucket.vision_slots else 0.0,
+      'cuts': {kind: cuts.get(kind, 0) for kind in CUT_KINDS},
+  }
+
+
+def split_indices(roles: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+  """Host side. split_index (B, L): the source position of each slot of call 2 (-1 = empty);
+  split_slot (B, L): each dialogue position's slot in call 2 (-1 elsewhere)."""
+  b, length = roles.shape
+  split_index = np.full((b, length), -1, np.int32)
+  split_slot = np.full((b, length), -1, np.int32)
+  for r in range(b):
+    comp = np.flatnonzero(roles[r] == ROLE_COMPRESSION)
+    if len(comp) == 0:
+      continue
+    start, end = comp[0], int(np.flatnonzero(roles[r] != ROLE_PAD).max()) + 1
+    split_index[r, :end - start] = np.arange(start, end)
+    dialogue = np.flatnonzero(roles[r] == ROLE_DIALOGUE)
+    split_slot[r, dialogue] = dialogue - start
+  return split_index, split_slot
+

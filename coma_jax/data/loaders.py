@@ -97,7 +97,7 @@ class Stage2Examples:
 
 def stage1_loader(data_dir: str, model_config: ModelConfig, tokenizer: QwenTokenizer, *, global_batch: int,
                   buckets, seed: int, examples_per_group: int = 1, start_step: int = 0,
-                  num_steps: int | None = None, num_workers: int = 0, process_index: int = 0,
+                  end_step: int | None = None, num_workers: int = 0, process_index: int = 0,
                   process_count: int = 1, on_bad_record: str = 'skip', max_bad_fraction: float = 0.05,
                   **sequence_kw) -> GlobalBatchIterator:
   buckets = parse_buckets(buckets)
@@ -108,12 +108,12 @@ def stage1_loader(data_dir: str, model_config: ModelConfig, tokenizer: QwenToken
                       process_index, process_count, on_bad_record)
   spec = BatchSpec(model_config, buckets, examples_per_group, settings.num_compression_tokens)
   return GlobalBatchIterator(reader, spec, start_step=start_step, num_workers=num_workers,
-                             num_steps=num_steps if num_steps is not None else sampler.steps_per_epoch,
+                             end_step=end_step if end_step is not None else sampler.steps_per_epoch,
                              max_bad_fraction=max_bad_fraction)
 
 
 def stage2_loader(data_dir: str, model_config: ModelConfig, tokenizer: QwenTokenizer, *, global_batch: int,
-                  buckets, seed: int, num_steps: int, block_size: int = 64, caps=None, weights=None,
+                  buckets, seed: int, end_step: int, block_size: int = 64, caps=None, weights=None,
                   hard_negatives: bool = False, examples_per_group: int = 1, start_step: int = 0,
                   num_workers: int = 0, process_index: int = 0, process_count: int = 1,
                   on_bad_record: str = 'skip', max_bad_fraction: float = 0.05, **sequence_kw) -> GlobalBatchIterator:
@@ -130,5 +130,5 @@ def stage2_loader(data_dir: str, model_config: ModelConfig, tokenizer: QwenToken
                       Stage2Examples(tokenizer, settings, model_config, sampler, sides),
                       process_index, process_count, on_bad_record)
   spec = BatchSpec(model_config, buckets, examples_per_group, settings.num_compression_tokens, sides=sides)
-  return GlobalBatchIterator(reader, spec, start_step=start_step, num_steps=num_steps, num_workers=num_workers,
+  return GlobalBatchIterator(reader, spec, start_step=start_step, end_step=end_step, num_workers=num_workers,
                              max_bad_fraction=max_bad_fraction)

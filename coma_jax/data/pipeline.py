@@ -18,7 +18,7 @@ import jax
 import numpy as np
 
 from coma_jax.data.bad_records import BadRecord, BadRecordLog, check_bad_fraction, guard_min_records
-from coma_jax.data.batching import Bucket, Needs, collate, needs_of, pick_bucket
+from coma_jax.data.batching import Bucket, Needs, batch_stats, collate, needs_of, pick_bucket
 from coma_jax.data.sampler import process_slice
 from coma_jax.model.config import ModelConfig
 from coma_jax.model.inputs import BATCH_AXIS
@@ -59,7 +59,8 @@ class StepReader:
   def __call__(self, step: int) -> dict:
     bad = BadRecordLog(self.on_bad_record)
     examples = []
-    for gid in process_slice(self.sampler.batch_ids(step), self.process_index, self.process_count):
+    ids = process_slice(self.sampler.batch_ids(step), self.process_index, self.process_count)
+    for gid in ids:
       try:
         examples.append(self.make_example(self.source[int(gid)], int(gid)))
         bad.kept += 1
@@ -69,7 +70,7 @@ class StepReader:
       except Exception as e:
         e.add_note(f'coma_jax: while making the example of record {int(gid)} (global id) at step {step}')
         raise
-    return {'step': step, 'examples': examples, 'bad': bad}
+    return {'step': step, 'examples': examples, 'ids': ids, 'bad': bad}
 
 
 def global_max(values: np.ndarray) -> np.ndarray:
@@ -90,10 +91,23 @@ class BatchSpec:
   sides: Sequence[str] | None = None  # None: examples are single Examples
 
 
-class GlobalBatchIterator:
-  """Yields (step, batch) with numpy leaves; `state()` is {'step': next step} to checkpoint."""
+@dataclasses.dataclass
+class BatchInfo:
+  """What the host knows of a batch and the device never sees: the bucket, statistics (padding
+  waste, truncation cuts) and the bad records skipped so far. Stage 2: bucket and stats per side."""
+  step: int
+  bucket: Bucket | dict
+  stats: dict
+  bad_records: int
 
-  def __init__(self, reader: StepReader, spec: BatchSpec, *, start_step: int = 0, num_steps: int,
+
+class GlobalBatchIterator:
+  """Yields (step, batch, info): `batch` holds NumPy arrays only, in a structure fixed by the
+  bucket (it goes into a jitted step as it is), plus 'example_ids' (the global ids of the rows, for
+  per-example randomness); `info` is a BatchInfo. `state()` is {'step': next step} to checkpoint.
+  Steps run from `start_step` up to, not including, `end_step`."""
+
+  def __init__(self, reader: StepReader, spec: BatchSpec, *, start_step: int = 0, end_step: int,
                num_workers: int = 0, prefetch: int = 2, log_every: int = 100, max_bad_fraction: float = 0.05):
     """`max_bad_fraction`: stop (BadDataError naming the top reasons) when more of this process's
     records are bad, once `guard_min_records` of them were read."""
@@ -101,7 +115,7 @@ class GlobalBatchIterator:
     self.bad = BadRecordLog(reader.on_bad_record)
     self.max_bad_fraction = max_bad_fraction
     self.log_every = log_every
-    dataset = grain.MapDataset.range(start_step, num_steps).map(reader).to_iter_dataset(
+    dataset = grain.MapDataset.range(start_step, end_step).map(reader).to_iter_dataset(
         grain.ReadOptions(num_threads=0, prefetch_buffer_size=prefetch))
     if num_workers > 0:
       _mark_flags_parsed()
@@ -117,36 +131,38 @@ class GlobalBatchIterator:
     """This process's records so far: records = kept + skipped, skipped by reason."""
     return self.bad.summary()
 
-  def __iter__(self) -> Iterator[tuple[int, dict]]:
+  def __iter__(self) -> Iterator[tuple[int, dict, BatchInfo]]:
     return self
 
-  def _collate_side(self, examples) -> dict:
+  def _collate_side(self, examples, ids) -> tuple[dict, Bucket, dict]:
     spec = self.spec
     needs = needs_of(examples, spec.model_config, spec.examples_per_group)
     agreed = Needs(*global_max(needs.as_array()).tolist())
     bucket = pick_bucket(spec.buckets, agreed)
     out = collate(examples, spec.model_config, bucket, spec.examples_per_group, spec.num_compression_tokens)
-    out['bucket'] = bucket
-    return out
+    out['example_ids'] = np.asarray(ids, np.int32)
+    return out, bucket, batch_stats(examples, bucket, spec.examples_per_group)
 
-  def __next__(self) -> tuple[int, dict]:
+  def __next__(self) -> tuple[int, dict, BatchInfo]:
     item = next(self._it)
     step, examples = item['step'], item['examples']
     self.bad.merge(item['bad'])
     check_bad_fraction(self.bad.summary(), self.max_bad_fraction, 'data loading (this process)',
                        'data.max_bad_fraction', guard_min_records(self.max_bad_fraction))
     if self.spec.sides is None:
-      batch = self._collate_side(examples)
+      batch, bucket, stats = self._collate_side(examples, item['ids'])
     else:
-      batch = {side: self._collate_side([None if e is None else e.get(side) for e in examples])
-               for side in self.spec.sides}
+      batch, bucket, stats = {}, {}, {}
+      for side in self.spec.sides:
+        batch[side], bucket[side], stats[side] = self._collate_side(
+            [None if e is None else e.get(side) for e in examples], item['ids'])
     self.next_step = step + 1
     self._examples += len(examples)
     if self.log_every and self.next_step % self.log_every == 0:
       rate = self._examples / (time.perf_counter() - self._start_time)
       log.info('data step %d: %.1f examples/s (this process), %d bad records skipped',
                step, rate, self.bad.total)
-    return step, batch
+    return step, batch, BatchInfo(step, bucket, stats, self.bad.total)
 
 
 def _mark_flags_parsed() -> None:
@@ -157,7 +173,7 @@ def _mark_flags_parsed() -> None:
 
 
 def to_global(batch: dict, sharding_for: Callable[[str, tuple], jax.sharding.Sharding]) -> dict:
-  """Process-local numpy batch -> global jax.Arrays; 'stats'/'bucket' stay as they are.
+  """Process-local numpy batch -> global jax.Arrays.
 
   `sharding_for(name, global_shape)`: each process holds an equal slice of the batch axis, so the
   global shape is the local one with that axis times the process count.
@@ -171,9 +187,7 @@ def to_global(batch: dict, sharding_for: Callable[[str, tuple], jax.sharding.Sha
 
   out = {}
   for key, value in batch.items():
-    if key in ('stats', 'bucket'):
-      out[key] = value
-    elif isinstance(value, dict):
+    if isinstance(value, dict):
       out[key] = to_global(value, sharding_for)
     elif dataclasses.is_dataclass(value):
       out[key] = value.replace(**{f.name: put(f.name, getattr(value, f.name)) for f in dataclasses.fields(value)})

@@ -3,7 +3,7 @@
 `paper` runs it as two plain causal attention calls per layer, the form fused kernels take:
   call 1: the row as is (prefix and compression rows are right; dialogue rows are discarded);
   call 2: the row gathered from its first compression token on ([compression + dialogue]);
-dialogue rows come from call 2, scattered back with host-made indices (`split_indices`).
+dialogue rows come from call 2, scattered back with host-made indices (`data.batching.split_indices`).
 q and k carry their rotary positions already, so the gather keeps relative positions.
 `causal` is what the released code ran. `reference_mask` is the explicit (B, 1, L, L) CPU check.
 """
@@ -17,23 +17,6 @@ from coma_jax.data.sequences import ROLE_COMPRESSION, ROLE_DIALOGUE, ROLE_PAD, R
 from coma_jax.model.attention import attention
 
 MASK_MODES = ('paper', 'causal')
-
-
-def split_indices(roles: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-  """Host side. split_index (B, L): the source position of each slot of call 2 (-1 = empty);
-  split_slot (B, L): each dialogue position's slot in call 2 (-1 elsewhere)."""
-  b, length = roles.shape
-  split_index = np.full((b, length), -1, np.int32)
-  split_slot = np.full((b, length), -1, np.int32)
-  for r in range(b):
-    comp = np.flatnonzero(roles[r] == ROLE_COMPRESSION)
-    if len(comp) == 0:
-      continue
-    start, end = comp[0], int(np.flatnonzero(roles[r] != ROLE_PAD).max()) + 1
-    split_index[r, :end - start] = np.arange(start, end)
-    dialogue = np.flatnonzero(roles[r] == ROLE_DIALOGUE)
-    split_slot[r, dialogue] = dialogue - start
-  return split_index, split_slot
 
 
 def _take_rows(x: jax.Array, index: jax.Array) -> jax.Array:

@@ -144,7 +144,7 @@ def make_stage2_step(graphdef, tx: optax.GradientTransformation, cfg: Stage2Step
   grads_of = make_stage2_grads(graphdef, cfg)
 
   def step(state: TrainState, batch: dict, key: jax.Array):
-    batch = {s: {k: v for k, v in batch[s].items() if k not in ('stats', 'bucket')} for s in _sides(cfg)}
+    batch = {s: batch[s] for s in _sides(cfg)}
     loss, grads = grads_of(state.params, state.frozen, batch, key)
     return apply_gradients(state, loss, grads, tx, cfg.first_trainable_embedding_row)
 

@@ -80,7 +80,7 @@ def make_stage1_grads(graphdef, cfg: Stage1StepConfig):
   grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
 
   def grads_of(params, frozen, batch: dict, key: jax.Array):
-    batch = {k: v for k, v in batch.items() if k not in ('stats', 'bucket', 'labels', 'roles')}
+    batch = {k: v for k, v in batch.items() if k not in ('labels', 'roles')}  # host-side views
     rows = batch['label_positions'].shape[0]
     batch['row_ids'] = jnp.arange(rows, dtype=jnp.int32)
     has_labels = batch['label_positions'] >= 0

