@@ -26,6 +26,8 @@ setup(
         'pyarrow>=17,<27',  # MMEB parquet files
         'absl-py>=2,<3',
         'scikit-image>=0.24,<0.27',  # ships the real photos the demo uses
+        'tensorboardX>=2.6,<2.7',  # TensorBoard event files without TensorFlow
+        'matplotlib>=3.8,<3.12',  # python -m coma_jax.plot
     ],
     extras_require={
         # torch is only the numerical reference; 2.13.0 is the CPU wheel (a bare `torch` pulls CUDA).
