@@ -12,3 +12,12 @@ if '--xla_force_host_platform_device_count' not in os.environ.get('XLA_FLAGS', '
 import jax  # noqa: E402
 
 jax.config.update('jax_default_matmul_precision', 'highest')
+
+import pytest  # noqa: E402
+
+
+@pytest.fixture(scope='session')
+def demo_data_dir(tmp_path_factory) -> str:
+  """A `data.data_dir` of smoke demo data (coma_jax.data.demo), built once per test run."""
+  from coma_jax.data.demo import build_demo_data
+  return build_demo_data(str(tmp_path_factory.mktemp('demo_data')), size='smoke', seed=0)['data_dir']

@@ -5,6 +5,7 @@
   python -m coma_jax.data.build_tfds mmeb_eval --input-dir MMEB-eval --image-root IMAGES --data-dir OUT
   python -m coma_jax.data.build_tfds convert_qa --input qa_generation.jsonl --output qa.jsonl
 
+stage1_qa has a 'train' split and, with `--validation-input val.jsonl` (repeatable), a 'validation' split.
 mmeb_train / mmeb_eval take one folder (or file) per subset/dataset under --input-dir, holding
 parquet or JSONL files; `--split-prefix original` keeps MMEB-train's `original-*.parquet` only.
 
@@ -86,7 +87,7 @@ def _differences(old: dict, new: dict) -> list[str]:
   return [f'{k}: built {old.get(k)!r:.200}, now {new.get(k)!r:.200}' for k in keys if old.get(k) != new.get(k)]
 
 
-def build(kind: str, data_dir: str, *, inputs=None, input_dir=None, image_root=None,
+def build(kind: str, data_dir: str, *, inputs=None, validation_inputs=None, input_dir=None, image_root=None,
           on_bad_record='skip', split_prefix='', max_bad_fraction=0.05, allow_empty_subsets=False,
           overwrite=False):
   """Builds the dataset, or reuses one built from the same input; returns the builder. The
@@ -97,7 +98,11 @@ def build(kind: str, data_dir: str, *, inputs=None, input_dir=None, image_root=N
     if not inputs:
       raise BuildInputError('stage1_qa needs --input (a LLaVA-style JSONL file)')
     cls, splits = Stage1Qa, {'train': list(inputs)}
+    if validation_inputs:
+      splits['validation'] = list(validation_inputs)
   else:
+    if validation_inputs:
+      raise BuildInputError(f'{kind} takes no --validation-input: its splits are its subsets')
     if not input_dir:
       raise BuildInputError(f'{kind} needs --input-dir (one folder or file per subset)')
     cls = {'mmeb_train': MmebTrain, 'mmeb_eval': MmebEval}[kind]
@@ -154,6 +159,8 @@ def main(argv=None):
   parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
   parser.add_argument('kind', choices=['stage1_qa', 'mmeb_train', 'mmeb_eval', 'convert_qa'])
   parser.add_argument('--input', action='append', help='raw JSONL file (repeatable)')
+  parser.add_argument('--validation-input', action='append',
+                      help="stage1_qa: raw JSONL file of the 'validation' split (repeatable)")
   parser.add_argument('--input-dir')
   parser.add_argument('--image-root')
   parser.add_argument('--data-dir')
@@ -181,10 +188,10 @@ def main(argv=None):
   if not args.data_dir:
     parser.error('--data-dir is required')
   try:
-    builder = build(args.kind, args.data_dir, inputs=args.input, input_dir=args.input_dir,
-                    image_root=args.image_root, on_bad_record=args.on_bad_record, split_prefix=args.split_prefix,
-                    max_bad_fraction=args.max_bad_fraction, allow_empty_subsets=args.allow_empty_subsets,
-                    overwrite=args.overwrite)
+    builder = build(args.kind, args.data_dir, inputs=args.input, validation_inputs=args.validation_input,
+                    input_dir=args.input_dir, image_root=args.image_root, on_bad_record=args.on_bad_record,
+                    split_prefix=args.split_prefix, max_bad_fraction=args.max_bad_fraction,
+                    allow_empty_subsets=args.allow_empty_subsets, overwrite=args.overwrite)
   except (BadRecord, BadDataError, BuildInputError, FileNotFoundError) as e:
     print(f'error: {e}', file=sys.stderr)
     report = getattr(e, 'report', None)
