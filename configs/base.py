@@ -1,7 +1,8 @@
 """The CoMa reference recipe (paper + released code), as an ml_collections config.
 
-Use through a model file (coma_3b.py, coma_7b.py, demo.py): `--config configs/coma_3b.py:stage1`.
-Overrides: `--config.optim.learning_rate=1e-4`.
+Use through a model file (coma_3b.py, coma_7b.py, tiny.py): `--config configs/coma_3b.py:stage1`.
+Overrides: `--config.optim.learning_rate=1e-4`. Every key is read by the run (a test checks it);
+`stage1` / `stage2` hold what only that stage reads.
 """
 import ml_collections
 
@@ -12,9 +13,12 @@ def get_config(variant: str = 'stage1') -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
   c.stage = variant
   c.seed = 0
+  c.init_from = ''  # a workdir to start from (stage 2: the stage-1 run); 'DIR', 'DIR:step=N' or 'DIR:best'
   c.model = dict(
-      hf_config='',          # a config.json (planning) ...
-      checkpoint='',         # ... or a local transformers checkpoint directory (training)
+      init='pretrained',     # pretrained: from `checkpoint`; random: from `hf_config` (smoke runs)
+      checkpoint='',         # a local Qwen2.5-VL-Instruct directory (config.json, safetensors, tokenizer.json)
+      hf_config='',          # a config.json (random init and planning)
+      num_compression_tokens=32,  # K
       dtype='bfloat16',      # compute
       frozen_dtype='bfloat16',  # frozen base weights: no fp32 master copy, no optimizer state
       scan_layers=True,
@@ -25,9 +29,10 @@ def get_config(variant: str = 'stage1') -> ml_collections.ConfigDict:
   c.adapter = dict(kind='dora', rank=16, alpha=64.0, dropout=0.1,
                    targets=('text.q_proj', 'text.k_proj', 'text.v_proj', 'text.o_proj'))
   c.trainable = dict(embeddings='all', vision=False, full=False)
-  c.optim = dict(learning_rate=5e-5, warmup_ratio=0.05, total_steps=867, weight_decay=0.0, clip_norm=1.0)
-  c.stage1 = dict(mask='paper', label_mode='answers', multi_turn=True, normalisation='example_mean',
-                  num_compression_tokens=32, micro_batches=32, loss_chunk=512)
+  c.optim = dict(learning_rate=5e-5, warmup_ratio=0.05, weight_decay=0.0, clip_norm=1.0)
+  c.train = dict(steps=867)  # optimizer steps; the learning-rate schedule derives from it
+  c.checkpoint = dict(every=100, keep=2)  # plus the best by the validation metric
+  c.validation = dict(every=100, max_examples=512)  # 0 = off; on checkpoint steps it picks the best
   c.data = dict(
       data_dir='', global_batch=256, examples_per_group=1, num_workers=4,
       on_bad_record='skip',  # or 'error': stop at the first bad record, naming it
@@ -36,11 +41,16 @@ def get_config(variant: str = 'stage1') -> ml_collections.ConfigDict:
       # (seq_len, vision_slots, label_slots): 256-1024 visual tokens, up to 8192 tokens.
       buckets=((2048, 4608, 1024), (4096, 4608, 2048), (8192, 9216, 4096)),
   )
-  c.stage2 = dict(temperature=0.03, bidirectional=False, hard_negatives=False,
-                  chunks=16,  # GradCache chunks of the global batch (1 = no GradCache)
-                  reuse_frozen_vision=True)
-  if variant == 'stage2':
-    c.optim.total_steps = 1500
+  if variant == 'stage1':
+    c.stage1 = dict(mask='paper', label_mode='answers', multi_turn=True, normalisation='example_mean',
+                    micro_batches=32, loss_chunk=512)
+  else:
+    c.train.steps = 1500
     c.data.global_batch = 1024
     c.data.buckets = ((1024, 4608, 0), (2048, 4608, 0))
+    c.stage2 = dict(temperature=0.03, bidirectional=False, hard_negatives=False,
+                    chunks=16,  # GradCache chunks of the global batch (1 = no GradCache)
+                    reuse_frozen_vision=True,
+                    require_init_from=True)  # the recipe starts from a stage-1 workdir
+    c.data.block_size = 64  # the stage-2 sampler's block: consecutive examples from one subset
   return c

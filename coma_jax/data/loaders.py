@@ -99,10 +99,14 @@ def stage1_loader(data_dir: str, model_config: ModelConfig, tokenizer: QwenToken
                   buckets, seed: int, examples_per_group: int = 1, start_step: int = 0,
                   end_step: int | None = None, num_workers: int = 0, process_index: int = 0,
                   process_count: int = 1, on_bad_record: str = 'skip', max_bad_fraction: float = 0.05,
-                  **sequence_kw) -> GlobalBatchIterator:
+                  split: str = 'train', **sequence_kw) -> GlobalBatchIterator:
+  """Batches of stage1_qa's `split`: data steps start_step .. end_step - 1 (default: one epoch)."""
   buckets = parse_buckets(buckets)
   settings = sequence_settings(buckets, examples_per_group, **sequence_kw)
-  source = open_builder(data_dir, 'stage1_qa').as_data_source()['train']
+  sources = open_builder(data_dir, 'stage1_qa').as_data_source()
+  if split not in sources:
+    raise ValueError(f'stage1_qa under {data_dir} has no {split!r} split (it has {sorted(sources)})')
+  source = sources[split]
   sampler = EpochSampler(len(source), global_batch, seed)
   reader = StepReader(source, sampler, Stage1Examples(tokenizer, settings, model_config),
                       process_index, process_count, on_bad_record)

@@ -14,18 +14,15 @@ from coma_jax.training.optim import OptimConfig, TrainableConfig
 from coma_jax.training.steps import Stage1StepConfig
 
 DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16}
-FIRST_COMPRESSION_ID = 151665  # the first id after the Qwen2.5-VL tokenizer's 151,665
 
 
 def model_config(c) -> ModelConfig:
   m = c.model
-  if m.get('hf_dict'):
-    return ModelConfig.from_hf_dict(m.hf_dict.to_dict() if hasattr(m.hf_dict, 'to_dict') else dict(m.hf_dict))
-  if m.get('checkpoint'):
+  if m.checkpoint:
     return ModelConfig.from_pretrained_dir(m.checkpoint)
-  if m.get('hf_config'):
+  if m.hf_config:
     return ModelConfig.from_json_file(m.hf_config)
-  raise ValueError('config.model needs one of hf_dict, checkpoint or hf_config')
+  raise ValueError('config.model needs checkpoint or hf_config')
 
 
 def adapter_config(c) -> AdapterConfig | None:
@@ -58,17 +55,21 @@ def trainable_config(c) -> TrainableConfig:
 
 def optim_config(c) -> OptimConfig:
   o = c.optim
-  return OptimConfig(learning_rate=o.learning_rate, warmup_ratio=o.warmup_ratio, total_steps=o.total_steps,
+  return OptimConfig(learning_rate=o.learning_rate, warmup_ratio=o.warmup_ratio, total_steps=c.train.steps,
                      weight_decay=o.weight_decay, clip_norm=o.clip_norm)
 
 
-def stage1_step_config(c) -> Stage1StepConfig:
+def first_trainable_row(c, first_compression_id: int) -> int | None:
+  """Under embeddings='new_tokens_only', the rows from the first compression token on train."""
+  return first_compression_id if c.trainable.embeddings == 'new_tokens_only' else None
+
+
+def stage1_step_config(c, first_compression_id: int) -> Stage1StepConfig:
   s = c.stage1
   return Stage1StepConfig(mask=s.mask, normalisation=s.normalisation, micro_batches=s.micro_batches,
                           loss_chunk=s.loss_chunk, loss_remat=c.model.remat != 'none',
                           attention_impl=c.model.attention,
-                          first_trainable_embedding_row=FIRST_COMPRESSION_ID
-                          if c.trainable.embeddings == 'new_tokens_only' else None)
+                          first_trainable_embedding_row=first_trainable_row(c, first_compression_id))
 
 
 def buckets(c) -> tuple[Bucket, ...]:
@@ -79,11 +80,14 @@ def rules(c) -> dict:
   return rules_dict([tuple(r) for r in c.mesh.rules])
 
 
-def stage2_step_config(c):
+def stage2_step_config(c, first_compression_id: int):
   from coma_jax.training.stage2 import Stage2StepConfig
   s = c.stage2
   return Stage2StepConfig(temperature=s.temperature, bidirectional=s.bidirectional, hard_negatives=s.hard_negatives,
                           chunks=s.chunks, reuse_frozen_vision=s.reuse_frozen_vision,
                           attention_impl=c.model.attention,
-                          first_trainable_embedding_row=FIRST_COMPRESSION_ID
-                          if c.trainable.embeddings == 'new_tokens_only' else None)
+                          first_trainable_embedding_row=first_trainable_row(c, first_compression_id))
+
+
+def sides(c) -> tuple[str, ...]:
+  return ('query', 'positive', 'negative') if c.stage2.hard_negatives else ('query', 'positive')

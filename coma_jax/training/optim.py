@@ -60,7 +60,3 @@ class TrainableConfig:
       return self.vision and path[0] == 'visual' and 'base' not in path
     return trainable
 
-
-def embedding_row_mask(vocab_rows: int, first_new_id: int) -> jnp.ndarray:
-  """(V, 1) float mask: 1 for the rows that may change under `new_tokens_only`."""
-  return (jnp.arange(vocab_rows) >= first_new_id).astype(jnp.float32)[:, None]

@@ -22,7 +22,7 @@ import optax
 from flax import nnx
 
 from coma_jax.model.lora import DropoutContext
-from coma_jax.training.steps import apply_gradients, merge_micro_batches, split_micro_batches
+from coma_jax.training.steps import apply_gradients, merge_micro_batches, split_micro_batches, with_example_ids
 from coma_jax.training.state import TrainState
 
 SIDES = ('query', 'positive', 'negative')
@@ -88,7 +88,7 @@ def make_stage2_grads(graphdef, cfg: Stage2StepConfig):
 
   def plain(params, frozen, batch, key):
     def loss_fn(params):
-      reps = {s: encode(params, frozen, batch[s], side_key(key, i), jnp.arange(batch[s]['example_valid'].shape[0]))
+      reps = {s: encode(params, frozen, batch[s], side_key(key, i), batch[s]['example_ids'])
               for i, s in enumerate(sides)}
       return info_nce(reps, {s: batch[s]['example_valid'] for s in sides}, cfg)
     return jax.value_and_grad(loss_fn)(params)
@@ -100,7 +100,7 @@ def make_stage2_grads(graphdef, cfg: Stage2StepConfig):
     for s in sides:
       side = {k: v for k, v in batch[s].items() if k in ('inputs', 'compression_positions', 'example_valid')}
       rows = side['example_valid'].shape[0]
-      side['ids'] = jnp.arange(rows, dtype=jnp.int32)
+      side['ids'] = batch[s]['example_ids']
       inputs = side['inputs']
       groups[s] = inputs.pixel_patches.shape[0] if inputs.pixel_patches is not None else rows
       chunked[s] = split_micro_batches(side, n, groups[s])
@@ -137,15 +137,18 @@ def make_stage2_grads(graphdef, cfg: Stage2StepConfig):
       grads, _ = jax.lax.scan(backward_chunk, grads, (chunked[s], cot, visions[s]))
     return loss, grads
 
-  return plain if cfg.chunks == 1 else grad_cache
+  impl = plain if cfg.chunks == 1 else grad_cache
+
+  def grads(params, frozen, batch, key):
+    return impl(params, frozen, {s: with_example_ids(batch[s]) for s in sides}, key)
+  return grads
 
 
 def make_stage2_step(graphdef, tx: optax.GradientTransformation, cfg: Stage2StepConfig):
   grads_of = make_stage2_grads(graphdef, cfg)
 
   def step(state: TrainState, batch: dict, key: jax.Array):
-    batch = {s: batch[s] for s in _sides(cfg)}
-    loss, grads = grads_of(state.params, state.frozen, batch, key)
+    loss, grads = grads_of(state.params, state.frozen, {s: batch[s] for s in _sides(cfg)}, key)
     return apply_gradients(state, loss, grads, tx, cfg.first_trainable_embedding_row)
 
   return step

@@ -71,7 +71,7 @@ def make_stage1_grads(graphdef, cfg: Stage1StepConfig):
   accumulated over micro-batches; the loss and grads are already normalised."""
   def loss_fn(params, frozen, mb, key):
     model = nnx.merge(graphdef, params, frozen)
-    ctx = DropoutContext.for_rows(key, mb['row_ids'])
+    ctx = DropoutContext.for_rows(key, mb['example_ids'])
     hidden = model.hidden_states(mb['inputs'], stage1_attend(cfg.mask, mb, cfg.attention_impl), ctx)
     numerator, _, tokens = stage1_loss_terms(model, hidden, mb['label_positions'], mb['label_targets'],
                                              cfg.normalisation, cfg.loss_chunk, cfg.loss_remat)
@@ -80,9 +80,7 @@ def make_stage1_grads(graphdef, cfg: Stage1StepConfig):
   grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
 
   def grads_of(params, frozen, batch: dict, key: jax.Array):
-    batch = {k: v for k, v in batch.items() if k not in ('labels', 'roles')}  # host-side views
-    rows = batch['label_positions'].shape[0]
-    batch['row_ids'] = jnp.arange(rows, dtype=jnp.int32)
+    batch = with_example_ids({k: v for k, v in batch.items() if k not in ('labels', 'roles')})
     has_labels = batch['label_positions'] >= 0
     if cfg.normalisation == 'token_mean':
       denominator = has_labels.sum()
@@ -102,24 +100,57 @@ def make_stage1_grads(graphdef, cfg: Stage1StepConfig):
   return grads_of
 
 
+def with_example_ids(batch: dict) -> dict:
+  """Dropout keys derive from (seed, step, global example id): loaders give `example_ids`; a
+  hand-made batch falls back to its row numbers."""
+  if 'example_ids' not in batch:
+    batch = dict(batch, example_ids=jnp.arange(batch['example_valid'].shape[0], dtype=jnp.int32))
+  return batch
+
+
+def mask_frozen_embedding_rows(tree, first_trainable_row: int | None):
+  """Zeroes the embedding rows below `first_trainable_row` (embeddings='new_tokens_only')."""
+  if first_trainable_row is None:
+    return tree
+
+  def mask_rows(path, u):
+    if not _is_embedding(path):
+      return u
+    return u * (jnp.arange(u.shape[0]) >= first_trainable_row)[:, None].astype(u.dtype)
+  return jax.tree_util.tree_map_with_path(mask_rows, tree)
+
+
 def apply_gradients(state: TrainState, loss, grads, tx: optax.GradientTransformation,
                     first_trainable_embedding_row: int | None = None):
-  """The optimiser update, skipped (and counted) when the loss or a gradient is not finite."""
+  """The optimiser update, skipped (and counted) when the loss or a gradient is not finite.
+
+  Frozen embedding rows are masked out of the gradient before clipping (and before the reported
+  norm): otherwise the whole vocabulary's gradient would shrink the real updates. The update is
+  masked again, as AdamW's weight decay would move those rows.
+  """
+  grads = mask_frozen_embedding_rows(grads, first_trainable_embedding_row)
   grad_norm = optax.global_norm(grads)
   finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
   updates, opt_state = tx.update(grads, state.opt_state, state.params)
-  if first_trainable_embedding_row is not None:
-    def mask_rows(path, u):
-      if not _is_embedding(path):
-        return u
-      return u * (jnp.arange(u.shape[0]) >= first_trainable_embedding_row)[:, None].astype(u.dtype)
-    updates = jax.tree_util.tree_map_with_path(mask_rows, updates)
+  updates = mask_frozen_embedding_rows(updates, first_trainable_embedding_row)
   params = optax.apply_updates(state.params, updates)
   keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, old)
   new_state = TrainState(step=state.step + finite.astype(jnp.int32), params=keep(params, state.params),
                          frozen=state.frozen, opt_state=keep(opt_state, state.opt_state),
                          skipped=state.skipped + (~finite).astype(jnp.int32))
   return new_state, {'loss': loss, 'grad_norm': grad_norm, 'skipped': new_state.skipped, 'finite': finite}
+
+
+def make_stage1_eval(graphdef, cfg: Stage1StepConfig):
+  """(params, frozen, batch) -> (numerator, denominator) of the loss without dropout: summed over
+  validation batches, numerator / denominator is the validation loss."""
+  def evaluate(params, frozen, batch: dict):
+    model = nnx.merge(graphdef, params, frozen)
+    hidden = model.hidden_states(batch['inputs'], stage1_attend(cfg.mask, batch, cfg.attention_impl), None)
+    numerator, denominator, _ = stage1_loss_terms(model, hidden, batch['label_positions'], batch['label_targets'],
+                                                  cfg.normalisation, cfg.loss_chunk, remat=False)
+    return numerator, denominator
+  return evaluate
 
 
 def make_stage1_step(graphdef, tx: optax.GradientTransformation, cfg: Stage1StepConfig):

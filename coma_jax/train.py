@@ -1,0 +1,36 @@
+"""Train CoMa: `python -m coma_jax.train --config configs/<file>.py[:variant] --workdir DIR`.
+
+  [--config.a.b=value ...]   overrides (ml_collections)
+  --profile_steps=A,B        a JAX profiler trace of steps A..B in DIR/profile/
+
+Rerunning the same command resumes from the newest checkpoint in DIR; SIGTERM saves and exits 0.
+"""
+from __future__ import annotations
+
+import logging
+import sys
+
+
+def main(argv=None):
+  from absl import app, flags
+  from ml_collections import config_flags
+
+  config = config_flags.DEFINE_config_file('config', None, 'config file[:variant]', lock_config=True)
+  flags.DEFINE_string('workdir', None, 'the run folder (created; resumed when it holds checkpoints)')
+  flags.DEFINE_string('profile_steps', '', 'A,B: trace steps A..B with the JAX profiler')
+  flags.mark_flags_as_required(['config', 'workdir'])
+
+  def run(_):
+    from coma_jax.training.loop import train
+    logging.basicConfig(level=logging.INFO, format='%(asctime)s %(levelname)s %(name)s: %(message)s')
+    profile = None
+    if flags.FLAGS.profile_steps:
+      a, b = (int(x) for x in flags.FLAGS.profile_steps.split(','))
+      profile = (a, b)
+    return train(config.value, flags.FLAGS.workdir, profile)
+
+  app.run(run, argv=argv if argv is not None else sys.argv)
+
+
+if __name__ == '__main__':
+  main()

@@ -1,0 +1,92 @@
+"""A config that makes no sense fails before anything compiles, with a message naming the key."""
+from __future__ import annotations
+
+import numpy as np
+
+from coma_jax.parallel.mesh import resolve_shape
+from coma_jax.parallel.rules import rules_dict
+
+MASKS, NORMALISATIONS, LABEL_MODES = ('paper', 'causal'), ('example_mean', 'token_mean'), ('answers', 'dialogue')
+INITS, REMATS, ADAPTERS = ('pretrained', 'random'), ('none', 'full', 'save_dots', 'projections'), ('none', 'lora', 'dora')
+
+
+class ConfigError(ValueError):
+  """A config value that cannot work; the message starts with the key."""
+
+
+def _require(ok: bool, key: str, message: str) -> None:
+  if not ok:
+    raise ConfigError(f'config.{key}: {message}')
+
+
+def batch_shards(c, num_devices: int) -> int:
+  """How many ways the batch axis is split: the product of the mesh axes the 'batch' rule names."""
+  shape = dict(zip(('data', 'fsdp', 'tensor'), resolve_shape(tuple(c.mesh.shape), num_devices)))
+  axes = rules_dict([tuple(r) for r in c.mesh.rules])['batch']
+  axes = (axes,) if isinstance(axes, str) else tuple(axes or ())
+  return int(np.prod([shape[a] for a in axes]))
+
+
+def check_config(c, num_devices: int, process_count: int = 1) -> None:
+  """Raises ConfigError naming the first key that cannot work on `num_devices` devices."""
+  stage1 = c.stage == 'stage1'
+  _require(c.stage in ('stage1', 'stage2'), 'stage', f'must be stage1 or stage2, got {c.stage!r}')
+  _require(c.train.steps >= 1, 'train.steps', f'must be >= 1, got {c.train.steps}')
+  _require(c.model.init in INITS, 'model.init', f'must be one of {INITS}, got {c.model.init!r}')
+  if c.model.init == 'pretrained' and not c.init_from:
+    _require(bool(c.model.checkpoint), 'model.checkpoint',
+             "model.init='pretrained' needs a local Qwen2.5-VL checkpoint directory")
+  if c.model.init == 'random':
+    _require(bool(c.model.hf_config or c.model.checkpoint), 'model.hf_config', "model.init='random' needs a config.json")
+  _require(c.model.num_compression_tokens >= 1, 'model.num_compression_tokens',
+           f'K must be >= 1, got {c.model.num_compression_tokens}')
+  _require(c.model.remat in REMATS, 'model.remat', f'must be one of {REMATS}, got {c.model.remat!r}')
+  _require(c.adapter.kind in ADAPTERS, 'adapter.kind', f'must be one of {ADAPTERS}, got {c.adapter.kind!r}')
+  try:
+    resolve_shape(tuple(c.mesh.shape), num_devices)
+  except ValueError as e:
+    raise ConfigError(f'config.mesh.shape: {e}') from None
+  d = c.data
+  _require(bool(d.data_dir), 'data.data_dir', 'is empty: a folder of built datasets (python -m coma_jax.data.demo or build_tfds)')
+  _require(d.examples_per_group >= 1 and d.global_batch % d.examples_per_group == 0, 'data.examples_per_group',
+           f'{d.examples_per_group} must divide data.global_batch {d.global_batch}')
+  shards = batch_shards(c, num_devices)
+  groups = d.global_batch // d.examples_per_group
+  _require(groups % shards == 0, 'data.global_batch',
+           f'{d.global_batch} ({groups} vision groups) does not split over the {shards} batch shards of mesh.shape '
+           f'{tuple(c.mesh.shape)}')
+  _require(d.global_batch % process_count == 0, 'data.global_batch',
+           f'{d.global_batch} does not split over {process_count} processes')
+  _require(d.min_pixels <= d.max_pixels, 'data.min_pixels', f'{d.min_pixels} > data.max_pixels {d.max_pixels}')
+  _require(0 <= d.max_bad_fraction <= 1, 'data.max_bad_fraction', f'must be in [0, 1], got {d.max_bad_fraction}')
+  _require(d.on_bad_record in ('skip', 'error'), 'data.on_bad_record', f"must be 'skip' or 'error', got {d.on_bad_record!r}")
+  _require(len(d.buckets) >= 1 and all(len(b) == 3 for b in d.buckets), 'data.buckets',
+           'needs (seq_len, vision_slots, label_slots) triples')
+  _require(c.checkpoint.every >= 1, 'checkpoint.every', f'must be >= 1, got {c.checkpoint.every}')
+  _require(c.checkpoint.keep >= 1, 'checkpoint.keep', f'must be >= 1, got {c.checkpoint.keep}')
+  if c.validation.every:
+    _require(c.checkpoint.every % c.validation.every == 0, 'checkpoint.every',
+             f'{c.checkpoint.every} must be a multiple of validation.every {c.validation.every}: every '
+             'checkpoint needs its validation metric to keep the best')
+  if stage1:
+    s = c.stage1
+    _require(s.mask in MASKS, 'stage1.mask', f'must be one of {MASKS}, got {s.mask!r}')
+    _require(s.normalisation in NORMALISATIONS, 'stage1.normalisation', f'must be one of {NORMALISATIONS}')
+    _require(s.label_mode in LABEL_MODES, 'stage1.label_mode', f'must be one of {LABEL_MODES}')
+    _require(all(b[2] > 0 for b in d.buckets), 'data.buckets',
+             f'stage 1 needs label slots in every bucket (the third number), got {tuple(d.buckets)}: '
+             'with 0 the loss would be 0')
+    _require(s.micro_batches >= 1 and groups % s.micro_batches == 0 and (groups // s.micro_batches) % shards == 0,
+             'stage1.micro_batches', f'{s.micro_batches} micro-batches of {groups} vision groups must each '
+             f'split over the {shards} batch shards')
+  else:
+    s = c.stage2
+    _require(s.temperature > 0, 'stage2.temperature', f'must be > 0, got {s.temperature}')
+    _require(d.block_size >= 1 and d.global_batch % d.block_size == 0, 'data.block_size',
+             f'data.global_batch {d.global_batch} is not a multiple of the block size {d.block_size}')
+    _require(s.chunks >= 1 and groups % s.chunks == 0 and (groups // s.chunks) % shards == 0, 'stage2.chunks',
+             f'{s.chunks} GradCache chunks of {groups} vision groups must each split over the {shards} batch '
+             f'shards (at most {groups // shards} chunks)')
+    if s.require_init_from:
+      _require(bool(c.init_from), 'init_from', 'this stage-2 config starts from a stage-1 workdir '
+               '(or set stage2.require_init_from=False)')

@@ -1,0 +1,206 @@
+"""The training loop: real loaders into the jitted step, metrics, validation, Orbax checkpoints,
+exact resume and preemption.
+
+Loop step s (1..train.steps) trains on data step s - 1 with the key fold_in(key(seed), s), so a
+run resumed from a checkpoint at step s continues exactly as the uninterrupted run would. On a
+restart the newest complete checkpoint is restored and metrics.jsonl / TensorBoard are cut after
+its step, so no step appears twice. SIGTERM saves at the next step boundary and exits 0.
+"""
+from __future__ import annotations
+
+import logging
+import math
+import os
+import sys
+import time
+
+import jax
+import numpy as np
+
+from coma_jax.data.pipeline import to_global
+from coma_jax.model.inputs import BATCH_AXIS
+from coma_jax.parallel.rules import batch_sharding
+from coma_jax.training import from_config, workdir as workdirs
+from coma_jax.training.flops import device_peak_flops, step_flops
+from coma_jax.training.metrics_writer import MetricsWriter
+from coma_jax.training.optim import schedule
+from coma_jax.training.preemption import Preemption
+from coma_jax.training.run import Run, build_run
+from coma_jax.training.state import TrainState
+
+log = logging.getLogger('coma_jax.train')
+
+
+def _restore_latest(ckpts, state: TrainState) -> tuple[int, TrainState]:
+  """The newest checkpoint that restores; a broken one is skipped with a warning."""
+  for step in sorted(ckpts.all_steps(), reverse=True):
+    try:
+      params, train, meta = ckpts.restore(step, state.params,
+                                          {'opt_state': state.opt_state, 'step': state.step, 'skipped': state.skipped})
+    except Exception as e:  # noqa: BLE001 -- a damaged checkpoint: fall back to the previous one
+      log.warning('checkpoint %d does not restore (%s: %s); trying the previous one', step, type(e).__name__, e)
+      continue
+    if meta.get('loop_step') != step:
+      log.warning('checkpoint %d: its metadata says step %s; skipping it', step, meta.get('loop_step'))
+      continue
+    return step, TrainState(step=train['step'], params=params, frozen=state.frozen, opt_state=train['opt_state'],
+                            skipped=train['skipped'])
+  return 0, state
+
+
+def _leftover_tmp(directory: str) -> list[str]:
+  if not os.path.isdir(directory):
+    return []
+  return [d for d in os.listdir(directory) if not d.isdigit()]
+
+
+class Progress:
+  """A tqdm bar on a terminal, plain log lines otherwise."""
+
+  def __init__(self, total: int, start: int, log_every: int = 10):
+    self.total, self.log_every, self.bar = total, log_every, None
+    if sys.stderr.isatty():
+      from tqdm import tqdm
+      self.bar = tqdm(total=total, initial=start, unit='step', dynamic_ncols=True)
+
+  def update(self, step: int, metrics: dict) -> None:
+    if self.bar is not None:
+      self.bar.update(1)
+      self.bar.set_postfix(loss=f'{metrics["loss"]:.4f}', sps=f'{metrics["steps_per_s"]:.2f}')
+    elif step % self.log_every == 0 or step == self.total:
+      eta = (self.total - step) / max(metrics['steps_per_s'], 1e-9)
+      log.info('step %d/%d loss %.4f %.2f steps/s eta %.0f s', step, self.total, metrics['loss'],
+               metrics['steps_per_s'], eta)
+
+  def close(self) -> None:
+    if self.bar is not None:
+      self.bar.close()
+
+
+def _flops(run: Run, batch: dict):
+  c = run.config
+  sides = [batch[s] for s in from_config.sides(c)] if run.stage2 else [batch]
+  ids = sides[0]['inputs'].input_ids
+  rows, length = ids.shape[0] * jax.process_count(), ids.shape[1]
+  patches = sum(0 if s['inputs'].pixel_patches is None else s['inputs'].pixel_patches.shape[0]
+                * s['inputs'].pixel_patches.shape[1] for s in sides) * jax.process_count()
+  return step_flops(run.model_config, sequences=rows * len(sides), length=length, vision_patches=patches,
+                    label_positions=0 if run.stage2 else rows * batch['label_positions'].shape[1],
+                    llm_trains=c.trainable.full, vision_trains=c.trainable.vision or c.trainable.full,
+                    paper_mask=not run.stage2 and c.stage1.mask == 'paper', full_remat=c.model.remat == 'full',
+                    grad_cache=run.stage2 and c.stage2.chunks > 1)
+
+
+def _collapse_warning(run: Run, loss: float, history: list) -> None:
+  """Contrastive collapse: the loss sits at ln(candidates), i.e. every score is the same."""
+  c = run.config
+  chance = math.log(c.data.global_batch * (2 if c.stage2.hard_negatives else 1))
+  history.append(abs(loss - chance) < 0.01 * chance)
+  if len(history) >= 20 and all(history[-20:]) and len(history) % 20 == 0:
+    log.warning('COLLAPSE? the contrastive loss has sat at ln(%d) = %.3f for 20 steps: every candidate scores the '
+                'same. Likely causes: a learning rate too high (optim.learning_rate=%g), a temperature too low or '
+                'high (stage2.temperature=%g).', round(math.exp(chance)), chance, c.optim.learning_rate,
+                c.stage2.temperature)
+
+
+def train(c, workdir: str, profile_steps: tuple[int, int] | None = None) -> int:
+  """Runs (or resumes) the config's training in `workdir`; returns the exit code."""
+  run = build_run(c)
+  workdir = os.path.abspath(workdir)
+  workdirs.write_run_files(workdir, c, run.model_config, run.first_compression_id, run.base)
+  ckpt_dir = os.path.join(workdir, 'checkpoints')
+  for name in _leftover_tmp(ckpt_dir):
+    log.warning('%s: a half-written checkpoint (%s) is ignored and removed', ckpt_dir, name)
+  ckpts = workdirs.checkpoints_of(workdir, c, read_only=False)
+  writer = MetricsWriter(workdir, enabled=jax.process_index() == 0)
+  start, state = _restore_latest(ckpts, run.setup.state)
+  if start:
+    log.info('resuming from checkpoint %d', start)
+    writer.truncate_after(start)
+  elif run.base['kind'] == 'saved':
+    workdirs.save_base(workdir, state.frozen)
+  if start >= c.train.steps:
+    log.info('already trained %d steps', start)
+    ckpts.close()
+    writer.close()
+    return 0
+
+  validation = None
+  if c.validation.every:
+    from coma_jax.training.validation import make_validation
+    validation = make_validation(run)
+  loader = run.train_loader(start)
+  preemption = Preemption().install()
+  progress = Progress(c.train.steps, start)
+  lr_at = schedule(from_config.optim_config(c))
+  root = jax.random.key(c.seed)
+  peak = device_peak_flops()
+  sharding_for = lambda name, shape: batch_sharding(shape, BATCH_AXIS.get(name, 0), run.rules, run.mesh)
+  collapse_history: list = []
+
+  def save(step: int, metrics: dict | None = None) -> None:
+    train_items = {'opt_state': state.opt_state, 'step': state.step, 'skipped': state.skipped}
+    meta = {'loop_step': step, 'data': {'step': step}, 'seed': c.seed, 'key': 'fold_in(key(seed), loop step)'}
+    ckpts.save(step, state.params, train_items, meta, metrics=metrics)
+
+  step = start
+  try:
+    for step in range(start + 1, c.train.steps + 1):
+      if preemption.requested:
+        save(step - 1)
+        step -= 1
+        break
+      if profile_steps and step == profile_steps[0]:
+        jax.profiler.start_trace(os.path.join(workdir, 'profile'))
+      began = time.perf_counter()
+      try:
+        data_step, batch, info = next(loader)
+      except Exception:
+        if preemption.requested:  # grain's workers took the SIGTERM too
+          save(step - 1)
+          step -= 1
+          break
+        raise
+      assert data_step == step - 1, (data_step, step)
+      tokens = sum(int(b['inputs'].token_valid.sum()) for b in (batch.values() if run.stage2 else [batch]))
+      flops = _flops(run, batch)
+      state, out = run.setup.step(state, to_global(batch, sharding_for), jax.random.fold_in(root, step))
+      out = jax.device_get(out)
+      seconds = time.perf_counter() - began
+      stats = list(info.stats.values()) if run.stage2 else [info.stats]
+      applied = int(state.step) - int(out['finite'])
+      record = {
+          'loss': float(out['loss']), 'lr': float(lr_at(applied)), 'grad_norm': float(out['grad_norm']),
+          'skipped_updates': int(out['skipped']), 'bad_records': int(info.bad_records),
+          'samples_per_s': c.data.global_batch / seconds, 'tokens_per_s': tokens * jax.process_count() / seconds,
+          'steps_per_s': 1.0 / seconds,
+          'padding_waste': float(np.mean([s['token_padding_waste'] for s in stats])),
+          'truncations': int(sum(sum(s['cuts'].values()) for s in stats)),
+          'mfu': None if peak is None else flops.model / seconds / (peak * jax.device_count()),
+          'hfu': None if peak is None else flops.executed / seconds / (peak * jax.device_count()),
+      }
+      writer.write(step, record)
+      progress.update(step, record)
+      if run.stage2:
+        _collapse_warning(run, record['loss'], collapse_history)
+      if profile_steps and step == profile_steps[1]:
+        jax.profiler.stop_trace()
+      val = None
+      if validation is not None and step % c.validation.every == 0:
+        val = validation(state)
+        writer.write(step, val, split='validation')
+        log.info('validation at step %d: %s', step, {k: round(v, 4) for k, v in val.items()})
+        if run.stage2 and val.get('mean_cosine', 0) > 0.99:
+          log.warning('COLLAPSE? validation embeddings have mean cosine %.3f: they barely differ. Likely causes: '
+                      'a learning rate too high, a temperature too low or high.', val['mean_cosine'])
+      if step % c.checkpoint.every == 0 or step == c.train.steps:
+        save(step, {validation.metric: val[validation.metric]} if val is not None else None)
+  finally:
+    preemption.uninstall()
+    progress.close()
+    ckpts.wait()
+    ckpts.close()
+    writer.close()
+  if step < c.train.steps:
+    log.info('preempted: saved step %d; rerun the same command to resume', step)
+  return 0
