@@ -1,9 +1,10 @@
 """`load_pretrained` / `save_pretrained`: local transformers Qwen2.5-VL checkpoints <-> our model.
 
-Loading streams tensor by tensor: the model is built abstractly (`nnx.eval_shape`, nothing
-allocated), then each parameter is assembled from its per-layer HF tensors and placed straight
-into its sharding with `jax.make_array_from_callback`, so each process materialises only the
-blocks its devices hold, one parameter at a time. No torch model is built.
+Loading streams: the model is built abstractly (`nnx.eval_shape`, nothing allocated), then each
+parameter's blocks are filled in place from its per-layer HF tensors (`assembly`, plain file
+reads, nothing mapped) and placed straight into its sharding with `jax.make_array_from_callback`,
+so each process materialises only the blocks its devices hold, one parameter at a time. No torch
+model is built.
 """
 from __future__ import annotations
 
@@ -17,7 +18,7 @@ import ml_dtypes
 import numpy as np
 from flax import nnx
 
-from coma_jax.hf import mapping
+from coma_jax.hf import assembly, mapping
 from coma_jax.hf.safetensors_files import CheckpointReader, ShardedWriter
 from coma_jax.model.config import ModelConfig
 from coma_jax.model.qwen2_5_vl import Qwen25VL
@@ -55,32 +56,45 @@ def load_pretrained(path: str, dtype=jnp.float32, *, compute_dtype=None,
 
   try:
     for path_, (rule, keys) in per_param.items():
+      _check_shapes(reader, rule, keys, tuple(mapping.get_param(model, path_).shape))
+    for path_, (rule, keys) in per_param.items():
       var = mapping.get_param(model, path_)
-      shape, np_dtype = tuple(var.shape), np.dtype(var.dtype)
-      layer_shape = shape if rule.stack is None else shape[1:]
-      cache: dict[int, np.ndarray] = {}
-
-      def layer(i, keys=keys, rule=rule, layer_shape=layer_shape, np_dtype=np_dtype, cache=cache):
-        if i not in cache:
-          raw = reader.get(keys[i])
-          value = mapping.TRANSFORMS[rule.transform][0](raw, layer_shape)
-          if value.shape != layer_shape:
-            raise ValueError(f'{keys[i]}: shape {raw.shape} gives {value.shape} after '
-                             f'{rule.transform!r}, but {".".join(rule.path)} needs {layer_shape}')
-          cache[i] = value.astype(np_dtype)
-        return cache[i]
-
-      def block(index, rule=rule, layer=layer):
-        if rule.stack is None:
-          return layer(0)[index]
-        first, stop, step = index[0].indices(shape[0])
-        return np.stack([layer(i)[index[1:]] for i in range(first, stop, step)])
-
-      var.value = jax.make_array_from_callback(shape, _sharding_for(shardings, path_, shape), block)
-      cache.clear()
+      var.value = _load_param(reader, rule, keys, tuple(var.shape), np.dtype(var.dtype),
+                              _sharding_for(shardings, path_, tuple(var.shape)))
   finally:
     reader.close()
   return model
+
+
+def _check_shapes(reader: CheckpointReader, rule: mapping.Rule, keys: list[str], shape: tuple[int, ...]) -> None:
+  """Every tensor of the parameter gives its layer shape; checked before anything is read."""
+  layer_shape = shape if rule.stack is None else shape[1:]
+  for key in keys:
+    hf_shape = reader.info(key).shape
+    ours = assembly.transformed_shape(rule, hf_shape)
+    if ours != layer_shape:
+      raise ValueError(f'{key}: shape {hf_shape} gives {ours} after {rule.transform!r}, '
+                       f'but {".".join(rule.path)} needs {layer_shape}')
+
+
+def _load_param(reader, rule, keys, shape, np_dtype, sharding) -> jax.Array:
+  """One parameter, placed in its sharding. On an accelerator its host blocks die on return,
+  before the next parameter is read; on the CPU backend they are the device buffers."""
+  indices = sharding.addressable_devices_indices_map(shape).values()
+  blocks = assembly.assemble(reader, rule, keys, shape, np_dtype, [assembly.block_key(i, shape) for i in indices])
+  array = jax.make_array_from_callback(shape, sharding, lambda index: blocks[assembly.block_key(index, shape)])
+  return array.block_until_ready()  # the transfers hold the host blocks until they finish
+
+
+def checkpoint_shapes(config: ModelConfig) -> dict[str, tuple[int, ...]]:
+  """The tensors a transformers checkpoint of `config` holds: on-disk name -> shape."""
+  model = nnx.eval_shape(lambda: Qwen25VL(config, rngs=nnx.Rngs(0)))
+  out = {}
+  for key, rule, i in mapping.expand(config):
+    shape = tuple(mapping.get_param(model, rule.path).shape)
+    dummy = np.broadcast_to(np.zeros((), np.int8), shape if i is None else shape[1:])  # no data
+    out[mapping.checkpoint_key(key)] = mapping.TRANSFORMS[rule.transform][1](dummy, rule.hf_shape).shape
+  return out
 
 
 def _host_value(x: jax.Array) -> np.ndarray:

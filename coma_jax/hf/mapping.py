@@ -18,6 +18,9 @@ TRANSFORMS: dict[str, tuple[Callable, Callable]] = {
     # Conv3d (embed, C, T, P, P) with stride == kernel is a matmul on the flattened patch.
     'conv3d': (lambda a, shape: a.reshape(a.shape[0], -1).T, lambda a, hf_shape: a.T.reshape(hf_shape)),
 }
+# The axis of our value that the HF tensor's first axis becomes, so a tensor can be read and
+# transformed a range of HF rows at a time.
+ROW_AXIS = {'identity': 0, 'linear': 1, 'conv3d': 1}
 
 
 @dataclasses.dataclass(frozen=True)
