@@ -27,7 +27,7 @@ def get_config(variant: str = 'stage1'):
   c.validation.every = 5
   c.validation.max_examples = 16
   if variant == 'stage1':
-    c.data.buckets = ((256, 512, 128),)
+    c.data.buckets = ((256, 256, 128), (256, 512, 128))  # one image, two images
     c.stage1.micro_batches = 2
   else:
     c.data.buckets = ((128, 512, 0),)

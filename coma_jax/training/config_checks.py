@@ -27,13 +27,14 @@ def batch_shards(c, num_devices: int) -> int:
   return int(np.prod([shape[a] for a in axes]))
 
 
-def check_config(c, num_devices: int, process_count: int = 1) -> None:
-  """Raises ConfigError naming the first key that cannot work on `num_devices` devices."""
+def check_config(c, num_devices: int, process_count: int = 1, abstract: bool = False) -> None:
+  """Raises ConfigError naming the first key that cannot work on `num_devices` devices.
+  `abstract` (planning): no weights are loaded, so no checkpoint is needed."""
   stage1 = c.stage == 'stage1'
   _require(c.stage in ('stage1', 'stage2'), 'stage', f'must be stage1 or stage2, got {c.stage!r}')
   _require(c.train.steps >= 1, 'train.steps', f'must be >= 1, got {c.train.steps}')
   _require(c.model.init in INITS, 'model.init', f'must be one of {INITS}, got {c.model.init!r}')
-  if c.model.init == 'pretrained' and not c.init_from:
+  if c.model.init == 'pretrained' and not c.init_from and not abstract:
     _require(bool(c.model.checkpoint), 'model.checkpoint',
              "model.init='pretrained' needs a local Qwen2.5-VL checkpoint directory")
   if c.model.init == 'random':
@@ -76,17 +77,16 @@ def check_config(c, num_devices: int, process_count: int = 1) -> None:
     _require(all(b[2] > 0 for b in d.buckets), 'data.buckets',
              f'stage 1 needs label slots in every bucket (the third number), got {tuple(d.buckets)}: '
              'with 0 the loss would be 0')
-    _require(s.micro_batches >= 1 and groups % s.micro_batches == 0 and (groups // s.micro_batches) % shards == 0,
-             'stage1.micro_batches', f'{s.micro_batches} micro-batches of {groups} vision groups must each '
-             f'split over the {shards} batch shards')
+    _require(s.micro_batches >= 1 and groups % s.micro_batches == 0, 'stage1.micro_batches',
+             f'{s.micro_batches} does not divide the {groups} vision groups of data.global_batch')
   else:
     s = c.stage2
     _require(s.temperature > 0, 'stage2.temperature', f'must be > 0, got {s.temperature}')
     _require(d.block_size >= 1 and d.global_batch % d.block_size == 0, 'data.block_size',
              f'data.global_batch {d.global_batch} is not a multiple of the block size {d.block_size}')
-    _require(s.chunks >= 1 and groups % s.chunks == 0 and (groups // s.chunks) % shards == 0, 'stage2.chunks',
-             f'{s.chunks} GradCache chunks of {groups} vision groups must each split over the {shards} batch '
-             f'shards (at most {groups // shards} chunks)')
+    _require(s.chunks >= 1 and groups % s.chunks == 0, 'stage2.chunks',
+             f'{s.chunks} GradCache chunks do not divide the {groups} vision groups of data.global_batch '
+             f'(at most {groups})')
     if s.require_init_from:
       _require(bool(c.init_from), 'init_from', 'this stage-2 config starts from a stage-1 workdir '
                '(or set stage2.require_init_from=False)')

@@ -105,6 +105,7 @@ def _collapse_warning(run: Run, loss: float, history: list) -> None:
 
 def train(c, workdir: str, profile_steps: tuple[int, int] | None = None) -> int:
   """Runs (or resumes) the config's training in `workdir`; returns the exit code."""
+  preemption = Preemption().install()  # before the (long) set-up: a SIGTERM then stops at step 0
   run = build_run(c)
   workdir = os.path.abspath(workdir)
   workdirs.write_run_files(workdir, c, run.model_config, run.first_compression_id, run.base)
@@ -121,6 +122,7 @@ def train(c, workdir: str, profile_steps: tuple[int, int] | None = None) -> int:
     workdirs.save_base(workdir, state.frozen)
   if start >= c.train.steps:
     log.info('already trained %d steps', start)
+    preemption.uninstall()
     ckpts.close()
     writer.close()
     return 0
@@ -130,7 +132,6 @@ def train(c, workdir: str, profile_steps: tuple[int, int] | None = None) -> int:
     from coma_jax.training.validation import make_validation
     validation = make_validation(run)
   loader = run.train_loader(start)
-  preemption = Preemption().install()
   progress = Progress(c.train.steps, start)
   lr_at = schedule(from_config.optim_config(c))
   root = jax.random.key(c.seed)
@@ -139,6 +140,8 @@ def train(c, workdir: str, profile_steps: tuple[int, int] | None = None) -> int:
   collapse_history: list = []
 
   def save(step: int, metrics: dict | None = None) -> None:
+    if step == 0 or step in ckpts.all_steps():  # preempted right after a scheduled save, or before any step
+      return
     train_items = {'opt_state': state.opt_state, 'step': state.step, 'skipped': state.skipped}
     meta = {'loop_step': step, 'data': {'step': step}, 'seed': c.seed, 'key': 'fold_in(key(seed), loop step)'}
     ckpts.save(step, state.params, train_items, meta, metrics=metrics)
@@ -168,6 +171,7 @@ def train(c, workdir: str, profile_steps: tuple[int, int] | None = None) -> int:
       out = jax.device_get(out)
       seconds = time.perf_counter() - began
       stats = list(info.stats.values()) if run.stage2 else [info.stats]
+      bucket = info.bucket['query'] if run.stage2 else info.bucket
       applied = int(state.step) - int(out['finite'])
       record = {
           'loss': float(out['loss']), 'lr': float(lr_at(applied)), 'grad_norm': float(out['grad_norm']),
@@ -176,6 +180,7 @@ def train(c, workdir: str, profile_steps: tuple[int, int] | None = None) -> int:
           'steps_per_s': 1.0 / seconds,
           'padding_waste': float(np.mean([s['token_padding_waste'] for s in stats])),
           'truncations': int(sum(sum(s['cuts'].values()) for s in stats)),
+          'bucket_seq_len': bucket.seq_len, 'bucket_vision_slots': bucket.vision_slots,
           'mfu': None if peak is None else flops.model / seconds / (peak * jax.device_count()),
           'hfu': None if peak is None else flops.executed / seconds / (peak * jax.device_count()),
       }
@@ -201,6 +206,8 @@ def train(c, workdir: str, profile_steps: tuple[int, int] | None = None) -> int:
     ckpts.wait()
     ckpts.close()
     writer.close()
+  compiled = run.setup.step._cache_size() if hasattr(run.setup.step, '_cache_size') else None
+  log.info('step compilations in this process: %s', compiled)
   if step < c.train.steps:
     log.info('preempted: saved step %d; rerun the same command to resume', step)
   return 0

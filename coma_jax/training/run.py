@@ -20,7 +20,7 @@ from coma_jax.model.qwen2_5_vl import Qwen25VL
 from coma_jax.parallel.mesh import make_mesh
 from coma_jax.training import from_config
 from coma_jax.training.build import TrainSetup, build_train_setup, create_sharded
-from coma_jax.training.config_checks import check_config
+from coma_jax.training.config_checks import ConfigError, check_config
 from coma_jax.training.stage2 import make_stage2_step
 from coma_jax.training.steps import make_stage1_step
 
@@ -89,6 +89,9 @@ def make_model(c, mesh, rules, abstract: bool) -> tuple[Qwen25VL, dict]:
   if c.init_from:
     path, step, best = parse_init_from(c.init_from)
     merge = c.stage == 'stage2'
+    if (c.model.checkpoint or c.model.hf_config) and from_config.model_config(c) != workdirs.read_model_config(path):
+      raise ConfigError(f'config.init_from: {path} trained another model than config.model names '
+                        f'({c.model.checkpoint or c.model.hf_config})')
     if abstract:
       source = workdirs.model_structure(workdirs.read_config(path), workdirs.read_model_config(path), opts,
                                         merge=merge, then=adapters)
@@ -122,7 +125,7 @@ def make_model(c, mesh, rules, abstract: bool) -> tuple[Qwen25VL, dict]:
 def build_run(c, *, abstract: bool = False, devices=None) -> Run:
   """Checks the config (before anything compiles), then builds everything a run needs."""
   devices = list(devices if devices is not None else jax.devices())
-  check_config(c, len(devices), jax.process_count())
+  check_config(c, len(devices), jax.process_count(), abstract=abstract)
   mesh = make_mesh(tuple(c.mesh.shape), devices)
   rules = from_config.rules(c)
   tokenizer = load_tokenizer(c.model.checkpoint or None)
