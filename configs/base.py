@@ -53,4 +53,5 @@ def get_config(variant: str = 'stage1') -> ml_collections.ConfigDict:
                     reuse_frozen_vision=True,
                     require_init_from=True)  # the recipe starts from a stage-1 workdir
     c.data.block_size = 64  # the stage-2 sampler's block: consecutive examples from one subset
+    c.data.subset_caps = 'reference'  # examples used per MMEB-train subset: 'reference' caps or '' (all)
   return c

@@ -158,3 +158,29 @@ def test_activation_constraints_follow_the_rules():
     indivisible = text(f, (6, 4, 2))  # 6 rows on 8 devices: left to XLA, not forced to replicate
   assert 'sharding_constraint' in constrained or '@Sharding' in constrained
   assert 'sharding_constraint' not in indivisible and '@Sharding' not in indivisible
+
+
+def test_dropout_masks_follow_the_example_not_its_row():
+  """Dropout keys derive from (seed, step, global example id): the same examples in another row
+  order (another process split, a re-sharded resume) draw the same masks, so give the same loss."""
+  from coma_jax.data.batching import collate
+  from tests.stage1_batches import K
+  model = fresh_model()
+  _, examples = batch(model.config, rows=8)
+  perm = np.array([3, 0, 7, 1, 6, 2, 5, 4])
+  mesh = make_mesh((1, 1, 1), jax.devices()[:1])
+  setup = build_train_setup(model, mesh, lambda g, tx: make_stage1_step(g, tx, Stage1StepConfig()),
+                            rules=rules_dict(()), optim=OptimConfig(total_steps=10), trainable=TrainableConfig())
+  fn = jax.jit(make_stage1_grads(setup.graphdef, Stage1StepConfig()))
+  leaves, tree = jax.tree.flatten(setup.state.params)  # trained adapters (fresh ones are zero: dropout shows not)
+  keys = jax.random.split(jax.random.key(5), len(leaves))
+  params = jax.tree.unflatten(tree, [x + 0.05 * jax.random.normal(k, x.shape) for x, k in zip(leaves, keys)])
+
+  def loss(rows, ids):
+    b = dict(collate([examples[i] for i in rows], model.config, Bucket(64, 128, 16), 1, K),
+             example_ids=np.asarray(ids, np.int32))
+    return float(fn(params, setup.state.frozen, b, KEY)[0])
+
+  in_order = loss(np.arange(8), np.arange(8))
+  assert loss(perm, perm) == pytest.approx(in_order, rel=1e-6)
+  assert abs(loss(perm, np.arange(8)) - in_order) > 1e-4  # keyed by row instead: other masks

@@ -95,6 +95,13 @@ class Stage2Examples:
     return out
 
 
+def reference_subset_caps() -> dict[str, int]:
+  """The per-subset caps of the reference's stage 2 (coma_jax/data/mmeb_v1_datasets.json)."""
+  import json
+  with open(os.path.join(os.path.dirname(__file__), 'mmeb_v1_datasets.json')) as f:
+    return json.load(f)['stage2_subset_caps_used_by_the_reference']
+
+
 def stage1_loader(data_dir: str, model_config: ModelConfig, tokenizer: QwenTokenizer, *, global_batch: int,
                   buckets, seed: int, examples_per_group: int = 1, start_step: int = 0,
                   end_step: int | None = None, num_workers: int = 0, process_index: int = 0,
@@ -128,6 +135,8 @@ def stage2_loader(data_dir: str, model_config: ModelConfig, tokenizer: QwenToken
   sources = builder.as_data_source()
   splits = sorted(sources)
   sizes = {names.get(s, s): len(sources[s]) for s in splits}
+  from coma_jax.data.tfds_builders.base import split_name
+  caps = {names.get(split_name(k), k): v for k, v in (caps or {}).items()}  # 'OK-VQA' or 'OK_VQA' alike
   sampler = SubsetBlockSampler(sizes, global_batch, block_size, seed, caps=caps, weights=weights)
   sides = ('query', 'positive', 'negative') if hard_negatives else ('query', 'positive')
   reader = StepReader(ConcatSource([sources[s] for s in splits]), sampler,

@@ -82,6 +82,7 @@ def check_config(c, num_devices: int, process_count: int = 1, abstract: bool = F
   else:
     s = c.stage2
     _require(s.temperature > 0, 'stage2.temperature', f'must be > 0, got {s.temperature}')
+    _require(d.subset_caps in ('reference', ''), 'data.subset_caps', f"must be 'reference' or '', got {d.subset_caps!r}")
     _require(d.block_size >= 1 and d.global_batch % d.block_size == 0, 'data.block_size',
              f'data.global_batch {d.global_batch} is not a multiple of the block size {d.block_size}')
     _require(s.chunks >= 1 and groups % s.chunks == 0, 'stage2.chunks',

@@ -206,6 +206,9 @@ def train(c, workdir: str, profile_steps: tuple[int, int] | None = None) -> int:
     ckpts.wait()
     ckpts.close()
     writer.close()
+  if jax.process_index() == 0:
+    from coma_jax.plot import write_plots
+    log.info('plots: %s', write_plots(workdir))
   compiled = run.setup.step._cache_size() if hasattr(run.setup.step, '_cache_size') else None
   log.info('step compilations in this process: %s', compiled)
   if step < c.train.steps:

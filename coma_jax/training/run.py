@@ -12,7 +12,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from coma_jax.data.image import ImageSettings
-from coma_jax.data.loaders import stage1_loader, stage2_loader
+from coma_jax.data.loaders import reference_subset_caps, stage1_loader, stage2_loader
 from coma_jax.data.tokenizer import QwenTokenizer, load_tokenizer
 from coma_jax.model.config import ModelConfig
 from coma_jax.model.lora import apply_adapters, merge_adapters
@@ -57,7 +57,8 @@ class Run:
                   num_workers=d.num_workers, process_index=jax.process_index(), process_count=jax.process_count(),
                   on_bad_record=d.on_bad_record, max_bad_fraction=d.max_bad_fraction, **self.sequence_kw())
     if self.stage2:
-      return stage2_loader(d.data_dir, self.model_config, self.tokenizer, block_size=d.block_size,
+      caps = reference_subset_caps() if d.subset_caps == 'reference' else None
+      return stage2_loader(d.data_dir, self.model_config, self.tokenizer, block_size=d.block_size, caps=caps,
                            hard_negatives=c.stage2.hard_negatives, **common)
     return stage1_loader(d.data_dir, self.model_config, self.tokenizer, **common)
 
