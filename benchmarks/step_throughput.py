@@ -62,9 +62,9 @@ def jax_step_time(hf_dir, examples, length, steps, mask):
   from coma_jax.model.lora import AdapterConfig, apply_adapters
   from coma_jax.parallel.mesh import make_mesh
   from coma_jax.parallel.rules import rules_dict
-  from coma_jax.training.build import build_train_setup
+  from coma_jax.training.sharded_setup import build_train_setup
   from coma_jax.training.optim import OptimConfig, TrainableConfig
-  from coma_jax.training.steps import Stage1StepConfig, make_stage1_step
+  from coma_jax.training.stage1 import Stage1StepConfig, make_stage1_step
   model = load_pretrained(hf_dir)
   apply_adapters(model, AdapterConfig(rank=16, alpha=64, dropout=0.1), nnx.Rngs(0))
   labels = max(e.num_labels for e in examples)
@@ -150,7 +150,7 @@ def jax_stage2_time(hf_dir, pairs, length, steps, chunks):
   from coma_jax.model.lora import AdapterConfig, apply_adapters
   from coma_jax.parallel.mesh import make_mesh
   from coma_jax.parallel.rules import rules_dict
-  from coma_jax.training.build import build_train_setup
+  from coma_jax.training.sharded_setup import build_train_setup
   from coma_jax.training.optim import OptimConfig, TrainableConfig
   from coma_jax.training.stage2 import Stage2StepConfig, make_stage2_step
   model = load_pretrained(hf_dir)

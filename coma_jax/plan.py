@@ -37,10 +37,10 @@ def main(argv=None):
   from coma_jax.parallel.mesh import make_mesh
   from coma_jax.training import from_config
   from coma_jax.training.abstract_batch import abstract_stage1_batch, abstract_stage2_batch
-  from coma_jax.training.build import build_train_setup
+  from coma_jax.training.sharded_setup import build_train_setup
   from coma_jax.training.flops import step_flops
   from coma_jax.training.stage2 import make_stage2_step
-  from coma_jax.training.steps import make_stage1_step
+  from coma_jax.training.stage1 import make_stage1_step
 
   config = config_flags.DEFINE_config_file('config', None, 'config file[:variant]')
   flags.DEFINE_integer('devices', 8, 'fake CPU devices to plan for')

@@ -21,7 +21,9 @@ def main(argv=None):
   flags.mark_flags_as_required(['config', 'workdir'])
 
   def run(_):
+    from coma_jax.runtime import enable_compilation_cache
     from coma_jax.training.loop import train
+    enable_compilation_cache()  # a resumed run reuses the compiled steps
     logging.basicConfig(level=logging.INFO, format='%(asctime)s %(levelname)s %(name)s: %(message)s')
     profile = None
     if flags.FLAGS.profile_steps:

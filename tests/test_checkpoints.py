@@ -9,7 +9,7 @@ import numpy as np
 
 from coma_jax.training.checkpoint import Checkpoints
 from coma_jax.training.loop import _collapse_warning, _restore_latest
-from coma_jax.training.state import TrainState
+from coma_jax.training.train_state import TrainState
 
 
 def state(value: float) -> TrainState:

@@ -10,7 +10,7 @@ from peft import LoraConfig, get_peft_model
 from coma_jax.model.layers import Linear
 from coma_jax.model.lora import (AdapterConfig, AdapterLinear, AdapterParam, DropoutContext, _hook_salt,
                                  apply_adapters, merge_adapters)
-from coma_jax.training.losses import stage1_loss_terms
+from coma_jax.training.stage1 import stage1_loss_terms
 from tests.stage1_batches import batch
 from tests.tiny_models import IMAGE, jax_twin, torch_model
 

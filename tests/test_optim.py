@@ -4,8 +4,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from coma_jax.training.optim import OptimConfig, make_optimizer
-from coma_jax.training.state import TrainState
-from coma_jax.training.steps import apply_gradients
+from coma_jax.training.train_state import TrainState
+from coma_jax.training.updates import apply_gradients
 
 
 def test_frozen_embedding_rows_do_not_shrink_the_clipped_update():

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import torch
 
-from coma_jax.training.losses import stage1_loss_terms
+from coma_jax.training.stage1 import stage1_loss_terms
 from coma_jax.training.stage1_attention import paper_attend, reference_attend, stage1_attend
 from tests.stage1_batches import batch, example
 from tests.tiny_models import IMAGE, jax_twin, torch_model

@@ -10,11 +10,11 @@ from coma_jax.model.lora import AdapterConfig, AdapterLinear, apply_adapters
 from coma_jax.parallel.activations import under_rules
 from coma_jax.parallel.mesh import make_mesh
 from coma_jax.parallel.rules import batch_sharding, rules_dict
-from coma_jax.training.build import build_train_setup
+from coma_jax.training.sharded_setup import build_train_setup
 from coma_jax.training.optim import OptimConfig, TrainableConfig
 from coma_jax.training.stage2 import (Stage2StepConfig, info_nce, make_stage2_grads, make_stage2_step,
                                       prepare_stage2_model)
-from coma_jax.training.steps import BATCH_AXIS
+from coma_jax.model.inputs import BATCH_AXIS
 from tests.stage2_batches import pair_batch
 from tests.tiny_models import jax_twin, torch_model
 

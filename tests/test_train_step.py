@@ -12,9 +12,10 @@ from coma_jax.model.lora import AdapterConfig, apply_adapters
 from coma_jax.parallel.activations import under_rules
 from coma_jax.parallel.mesh import make_mesh
 from coma_jax.parallel.rules import batch_sharding, rules_dict
-from coma_jax.training.build import build_train_setup
+from coma_jax.training.sharded_setup import build_train_setup
 from coma_jax.training.optim import OptimConfig, TrainableConfig
-from coma_jax.training.steps import BATCH_AXIS, Stage1StepConfig, make_stage1_grads, make_stage1_step
+from coma_jax.model.inputs import BATCH_AXIS
+from coma_jax.training.stage1 import Stage1StepConfig, make_stage1_grads, make_stage1_step
 from tests.stage1_batches import batch
 from tests.tiny_models import jax_twin, torch_model
 
@@ -135,7 +136,7 @@ def test_indivisible_dims_replicate_and_frozen_options():
 
 
 def test_parameters_are_created_sharded():
-  from coma_jax.training.build import create_sharded
+  from coma_jax.training.sharded_setup import create_sharded
   from tests.tiny_models import hf_config
   from coma_jax.model import ModelConfig, Qwen25VL
   cfg = ModelConfig.from_hf_dict(hf_config('tied_gqa2_win56').to_dict())

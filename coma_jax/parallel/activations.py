@@ -1,7 +1,7 @@
 """Sharding constraints on activations by logical axis names, through the same rules table.
 
 The model calls `constrain(x, names)` at layer boundaries; it is a no-op unless a train step is
-being traced inside `activation_sharding(mesh, rules)` (set by `training/build.py`). A batch axis
+being traced inside `activation_sharding(mesh, rules)` (set by `training/sharded_setup.py`). A batch axis
 that does not divide its mesh axes is left to XLA rather than forced to replicate.
 """
 from __future__ import annotations

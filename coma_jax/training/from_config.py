@@ -11,7 +11,7 @@ from coma_jax.model.lora import AdapterConfig, apply_adapters
 from coma_jax.model.qwen2_5_vl import Qwen25VL
 from coma_jax.parallel.rules import rules_dict
 from coma_jax.training.optim import OptimConfig, TrainableConfig
-from coma_jax.training.steps import Stage1StepConfig
+from coma_jax.training.stage1 import Stage1StepConfig
 
 DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16}
 

@@ -26,7 +26,7 @@ from coma_jax.training.metrics_writer import MetricsWriter
 from coma_jax.training.optim import schedule
 from coma_jax.training.preemption import Preemption
 from coma_jax.training.run import Run, build_run
-from coma_jax.training.state import TrainState
+from coma_jax.training.train_state import TrainState
 
 log = logging.getLogger('coma_jax.train')
 

@@ -19,10 +19,10 @@ from coma_jax.model.lora import apply_adapters, merge_adapters
 from coma_jax.model.qwen2_5_vl import Qwen25VL
 from coma_jax.parallel.mesh import make_mesh
 from coma_jax.training import from_config
-from coma_jax.training.build import TrainSetup, build_train_setup, create_sharded
+from coma_jax.training.sharded_setup import TrainSetup, build_train_setup, create_sharded
 from coma_jax.training.config_checks import ConfigError, check_config
 from coma_jax.training.stage2 import make_stage2_step
-from coma_jax.training.steps import make_stage1_step
+from coma_jax.training.stage1 import make_stage1_step
 
 
 @dataclasses.dataclass

@@ -22,8 +22,9 @@ import optax
 from flax import nnx
 
 from coma_jax.model.lora import DropoutContext
-from coma_jax.training.steps import apply_gradients, merge_micro_batches, split_micro_batches, with_example_ids
-from coma_jax.training.state import TrainState
+from coma_jax.training.micro_batches import merge_micro_batches, split_micro_batches
+from coma_jax.training.train_state import TrainState
+from coma_jax.training.updates import apply_gradients, with_example_ids
 
 SIDES = ('query', 'positive', 'negative')
 

@@ -26,7 +26,7 @@ from coma_jax.parallel.activations import under_rules
 from coma_jax.parallel.rules import batch_sharding
 from coma_jax.data.pipeline import to_global
 from coma_jax.training.stage2 import embed_side
-from coma_jax.training.steps import make_stage1_eval
+from coma_jax.training.stage1 import make_stage1_eval
 
 log = logging.getLogger('coma_jax.train')
 

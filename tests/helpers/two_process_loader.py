@@ -19,7 +19,7 @@ def main():
   from coma_jax.data.tokenizer import QwenTokenizer
   from coma_jax.parallel.mesh import make_mesh
   from coma_jax.parallel.rules import batch_sharding, rules_dict
-  from coma_jax.training.steps import BATCH_AXIS
+  from coma_jax.model.inputs import BATCH_AXIS
   from tests.data_fixtures import SMALL_IMAGES, model_config
   mesh = make_mesh((4, 1, 1))
   rules = rules_dict(())

@@ -14,7 +14,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 from coma_jax.parallel.activations import under_rules
 from coma_jax.parallel.rules import head_units, state_shardings
 from coma_jax.training.optim import OptimConfig, TrainableConfig, make_optimizer
-from coma_jax.training.state import TrainState, split_model
+from coma_jax.training.train_state import TrainState, split_model
 
 
 def _cast(tree, dtype):

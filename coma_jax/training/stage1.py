@@ -1,0 +1,143 @@
+"""Stage 1, compression pre-training: the loss and the jitted train step.
+
+Loss: cross-entropy at the supervised positions only. The LM head runs only on hidden states
+gathered at `label_positions`, in chunks under `jax.checkpoint`, so neither full-vocabulary logits
+for every token nor all chunks' logits at once are ever held. It is returned as (numerator,
+denominator) so that micro-batches add up.
+
+Step: a pure function (state, batch, key) -> (state, metrics). Gradient accumulation runs as a
+`scan` over micro-batches inside the step. A non-finite loss or gradient skips the update and is
+counted. The attention mask is `stage1_attention.py`.
+"""
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import nnx
+
+from coma_jax.model.lora import DropoutContext
+from coma_jax.training.micro_batches import split_micro_batches
+from coma_jax.training.stage1_attention import stage1_attend
+from coma_jax.training.updates import apply_gradients, with_example_ids
+
+
+NORMALISATIONS = ('example_mean', 'token_mean')
+
+
+def chunked_token_nll(hidden: jax.Array, targets: jax.Array, head, chunk: int, remat: bool = True) -> jax.Array:
+  """hidden (N, D), targets (N,) (-1 = none) -> per-position NLL (N,) fp32, 0 where none.
+
+  With `remat`, each chunk's logits are recomputed in the backward pass instead of kept: memory
+  for one chunk of (chunk x vocab) logits, at the cost of one more head matmul.
+  """
+  n, d = hidden.shape
+  chunk = min(chunk, n)
+  pad = (-n) % chunk
+  h = jnp.pad(hidden, ((0, pad), (0, 0))).reshape(-1, chunk, d)
+  t = jnp.pad(targets, (0, pad), constant_values=-1).reshape(-1, chunk)
+
+  def one(args):
+    hc, tc = args
+    logits = head(hc).astype(jnp.float32)
+    logz = jax.nn.logsumexp(logits, axis=-1)
+    picked = jnp.take_along_axis(logits, jnp.maximum(tc, 0)[:, None], axis=-1)[:, 0]
+    return jnp.where(tc >= 0, logz - picked, 0.0)
+  return jax.lax.map(jax.checkpoint(one) if remat else one, (h, t)).reshape(-1)[:n]
+
+
+def gather_positions(hidden: jax.Array, positions: jax.Array) -> jax.Array:
+  """hidden (B, L, D) at positions (B, P) (-1 -> position 0; mask it) -> (B, P, D)."""
+  return jnp.take_along_axis(hidden, jnp.maximum(positions, 0)[..., None], axis=1)
+
+
+def stage1_loss_terms(model, hidden: jax.Array, label_positions: jax.Array, label_targets: jax.Array,
+                      normalisation: str, chunk: int = 512, remat: bool = True):
+  """(numerator, denominator, token count) of the batch's CE under the chosen normalisation.
+
+  example_mean (the reference): the mean over examples of each example's mean token loss;
+  token_mean: the mean over all supervised tokens (what transformers' loss does).
+  """
+  if normalisation not in NORMALISATIONS:
+    raise ValueError(f'loss normalisation must be one of {NORMALISATIONS}, got {normalisation!r}')
+  b, p = label_positions.shape
+  mask = label_positions >= 0
+  h = gather_positions(hidden, label_positions).reshape(b * p, -1)
+  nll = chunked_token_nll(h, jnp.where(mask, label_targets, -1).reshape(-1), model.logits, chunk, remat).reshape(b, p)
+  per_example = nll.sum(axis=1)
+  count = mask.sum(axis=1)
+  if normalisation == 'token_mean':
+    return per_example.sum(), count.sum().astype(jnp.float32), count.sum()
+  has = count > 0
+  means = jnp.where(has, per_example / jnp.maximum(count, 1), 0.0)
+  return means.sum(), has.sum().astype(jnp.float32), count.sum()
+
+
+@dataclasses.dataclass(frozen=True)
+class Stage1StepConfig:
+  mask: str = 'paper'
+  normalisation: str = 'example_mean'
+  micro_batches: int = 1
+  loss_chunk: int = 512
+  loss_remat: bool = True  # recompute each chunk's logits in the backward pass (memory for time)
+  attention_impl: str = 'xla'
+  first_trainable_embedding_row: int | None = None  # set for embeddings='new_tokens_only'
+
+
+def make_stage1_grads(graphdef, cfg: Stage1StepConfig):
+  """(params, frozen, batch, key) -> (loss, supervised tokens, grads) over the whole global batch,
+  accumulated over micro-batches; the loss and grads are already normalised."""
+  def loss_fn(params, frozen, mb, key):
+    model = nnx.merge(graphdef, params, frozen)
+    ctx = DropoutContext.for_rows(key, mb['example_ids'])
+    hidden = model.hidden_states(mb['inputs'], stage1_attend(cfg.mask, mb, cfg.attention_impl), ctx)
+    numerator, _, tokens = stage1_loss_terms(model, hidden, mb['label_positions'], mb['label_targets'],
+                                             cfg.normalisation, cfg.loss_chunk, cfg.loss_remat)
+    return numerator, tokens
+
+  grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+
+  def grads_of(params, frozen, batch: dict, key: jax.Array):
+    batch = with_example_ids({k: v for k, v in batch.items() if k not in ('labels', 'roles')})
+    has_labels = batch['label_positions'] >= 0
+    if cfg.normalisation == 'token_mean':
+      denominator = has_labels.sum()
+    else:
+      denominator = has_labels.any(axis=1).sum()
+    denominator = jnp.maximum(denominator, 1).astype(jnp.float32)
+    micro = split_micro_batches(batch, cfg.micro_batches)
+    zeros = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), params)
+
+    def body(acc, mb):
+      (numerator, tokens), grads = grad_fn(params, frozen, mb, key)
+      return (acc[0] + numerator, acc[1] + tokens, jax.tree.map(jnp.add, acc[2], grads)), None
+
+    (numerator, tokens, grads), _ = jax.lax.scan(body, (jnp.zeros(()), jnp.zeros((), jnp.int32), zeros), micro)
+    return numerator / denominator, tokens, jax.tree.map(lambda g: g / denominator, grads)
+
+  return grads_of
+
+
+def make_stage1_eval(graphdef, cfg: Stage1StepConfig):
+  """(params, frozen, batch) -> (numerator, denominator) of the loss without dropout: summed over
+  validation batches, numerator / denominator is the validation loss."""
+  def evaluate(params, frozen, batch: dict):
+    model = nnx.merge(graphdef, params, frozen)
+    hidden = model.hidden_states(batch['inputs'], stage1_attend(cfg.mask, batch, cfg.attention_impl), None)
+    numerator, denominator, _ = stage1_loss_terms(model, hidden, batch['label_positions'], batch['label_targets'],
+                                                  cfg.normalisation, cfg.loss_chunk, remat=False)
+    return numerator, denominator
+  return evaluate
+
+
+def make_stage1_step(graphdef, tx: optax.GradientTransformation, cfg: Stage1StepConfig):
+  grads_of = make_stage1_grads(graphdef, cfg)
+
+  def step(state: TrainState, batch: dict, key: jax.Array):
+    loss, tokens, grads = grads_of(state.params, state.frozen, batch, key)
+    new_state, metrics = apply_gradients(state, loss, grads, tx, cfg.first_trainable_embedding_row)
+    return new_state, dict(metrics, tokens=tokens)
+
+  return step
