@@ -103,10 +103,11 @@ def _collapse_warning(run: Run, loss: float, history: list) -> None:
                 c.stage2.temperature)
 
 
-def train(c, workdir: str, profile_steps: tuple[int, int] | None = None) -> int:
-  """Runs (or resumes) the config's training in `workdir`; returns the exit code."""
+def train(c, workdir: str, profile_steps: tuple[int, int] | None = None, devices=None) -> int:
+  """Runs (or resumes) the config's training in `workdir` (on `devices`, default all); returns
+  the exit code."""
   preemption = Preemption().install()  # before the (long) set-up: a SIGTERM then stops at step 0
-  run = build_run(c)
+  run = build_run(c, devices=devices)
   workdir = os.path.abspath(workdir)
   workdirs.write_run_files(workdir, c, run.model_config, run.first_compression_id, run.base)
   ckpt_dir = os.path.join(workdir, 'checkpoints')
