@@ -2,7 +2,7 @@
 
   params  the trainable parameters (fp32), on their own so a later stage can read just them;
   train   the optimizer state, the count of applied updates and of skipped ones;
-  meta    JSON: the loop step, the data iterator's state, the seed the step keys derive from.
+  meta    JSON: the loop step, the data iterator's state, the seed the step keys derive from, the config.
 
 Saves are asynchronous; retention keeps the latest `keep` plus the best by the validation metric.
 Orbax writes each step under a temporary name and renames it when complete, so a half-written

@@ -8,6 +8,7 @@ its step, so no step appears twice. SIGTERM saves at the next step boundary and 
 """
 from __future__ import annotations
 
+import json
 import logging
 import math
 import os
@@ -139,12 +140,14 @@ def train(c, workdir: str, profile_steps: tuple[int, int] | None = None, devices
   peak = device_peak_flops()
   sharding_for = lambda name, shape: batch_sharding(shape, BATCH_AXIS.get(name, 0), run.rules, run.mesh)
   collapse_history: list = []
+  config_json = json.loads(c.to_json_best_effort())
 
   def save(step: int, metrics: dict | None = None) -> None:
     if step == 0 or step in ckpts.all_steps():  # preempted right after a scheduled save, or before any step
       return
     train_items = {'opt_state': state.opt_state, 'step': state.step, 'skipped': state.skipped}
-    meta = {'loop_step': step, 'data': {'step': step}, 'seed': c.seed, 'key': 'fold_in(key(seed), loop step)'}
+    meta = {'loop_step': step, 'data': {'step': step}, 'seed': c.seed, 'key': 'fold_in(key(seed), loop step)',
+            'config': config_json}
     ckpts.save(step, state.params, train_items, meta, metrics=metrics)
 
   step = start
