@@ -84,7 +84,8 @@ def main(argv=None):
                        label_positions=0 if stage2 else c.data.global_batch * bucket.label_slots,
                        llm_trains=c.trainable.full, vision_trains=c.trainable.vision or c.trainable.full,
                        paper_mask=not stage2 and c.stage1.mask == 'paper', full_remat=c.model.remat == 'full',
-                       grad_cache=stage2 and c.stage2.chunks > 1)
+                       grad_cache=stage2 and c.stage2.chunks > 1,
+                       reused_vision=stage2 and c.stage2.reuse_frozen_vision and not (c.trainable.vision or c.trainable.full))
     n_params = sum(x.size for x in jax.tree.leaves(setup.state.params))
     n_frozen = sum(x.size for x in jax.tree.leaves(setup.state.frozen))
     gib = lambda b: b / 2**30

@@ -41,9 +41,24 @@ def test_a_half_written_or_damaged_checkpoint_is_never_restored(tmp_path, caplog
   assert 8 not in store.all_steps()
   shutil.rmtree(tmp_path / 'checkpoints' / '6' / 'params')  # complete once, damaged since
   with caplog.at_level(logging.WARNING):
-    step, restored = _restore_latest(store, state(0.0))
+    step, restored, _ = _restore_latest(store, state(0.0))
   assert step == 4 and np.asarray(restored.params['w']).tolist() == [4.0] * 4 and int(restored.step) == 4
   assert 'checkpoint 6 does not restore' in caplog.text
+  assert 6 not in store.all_steps()  # deleted: a rerun saves step 6 again instead of skipping it
+  store.close()
+
+
+def test_a_changed_config_is_not_resumed(tmp_path):
+  import pytest
+  store = Checkpoints(str(tmp_path), keep=2)
+  s = state(1.0)
+  store.save(2, s.params, {'opt_state': s.opt_state, 'step': jnp.int32(2), 'skipped': s.skipped},
+             {'loop_step': 2, 'config': {'optim': {'learning_rate': 1e-4}, 'data': {'num_workers': 4}}})
+  store.wait()
+  same = {'optim': {'learning_rate': 1e-4}, 'data': {'num_workers': 0}}  # workers may change
+  assert _restore_latest(store, state(0.0), same)[0] == 2
+  with pytest.raises(ValueError, match=r'another config \(optim.learning_rate differ'):
+    _restore_latest(store, state(0.0), {'optim': {'learning_rate': 5e-5}, 'data': {'num_workers': 4}})
   store.close()
 
 

@@ -131,6 +131,12 @@ class GlobalBatchIterator:
     """This process's records so far: records = kept + skipped, skipped by reason."""
     return self.bad.summary()
 
+  def restore_report(self, report: dict) -> None:
+    """Continues a checkpointed report (a resumed run counts from where it stopped)."""
+    self.bad.kept += report.get('kept', 0)
+    self.bad.counts.update(report.get('by_reason', {}))
+    self.bad.first.extend(report.get('first', [])[:self.bad.keep_first])
+
   def __iter__(self) -> Iterator[tuple[int, dict, BatchInfo]]:
     return self
 

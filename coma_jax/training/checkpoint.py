@@ -63,6 +63,9 @@ class Checkpoints:
     out = self.manager.restore(step, args=ocp.args.Composite(**items))
     return out['params'], out.get('train') if train_like is not None else None, out['meta']
 
+  def delete(self, step: int) -> None:
+    self.manager.delete(step)
+
   def wait(self) -> None:
     self.manager.wait_until_finished()
 

@@ -3,11 +3,13 @@ from __future__ import annotations
 
 import numpy as np
 
+from coma_jax.model.attention import IMPLEMENTATIONS as ATTENTION
 from coma_jax.parallel.mesh import resolve_shape
 from coma_jax.parallel.rules import rules_dict
 
 MASKS, NORMALISATIONS, LABEL_MODES = ('paper', 'causal'), ('example_mean', 'token_mean'), ('answers', 'dialogue')
 INITS, REMATS, ADAPTERS = ('pretrained', 'random'), ('none', 'full', 'save_dots', 'projections'), ('none', 'lora', 'dora')
+DTYPES, EMBEDDINGS = ('float32', 'bfloat16'), ('all', 'new_tokens_only', 'none')
 
 
 class ConfigError(ValueError):
@@ -42,6 +44,11 @@ def check_config(c, num_devices: int, process_count: int = 1, abstract: bool = F
   _require(c.model.num_compression_tokens >= 1, 'model.num_compression_tokens',
            f'K must be >= 1, got {c.model.num_compression_tokens}')
   _require(c.model.remat in REMATS, 'model.remat', f'must be one of {REMATS}, got {c.model.remat!r}')
+  for key in ('dtype', 'frozen_dtype'):
+    _require(getattr(c.model, key) in DTYPES, f'model.{key}', f'must be one of {DTYPES}, got {getattr(c.model, key)!r}')
+  _require(c.model.attention in ATTENTION, 'model.attention', f'must be one of {ATTENTION}, got {c.model.attention!r}')
+  _require(c.trainable.embeddings in EMBEDDINGS, 'trainable.embeddings',
+           f'must be one of {EMBEDDINGS}, got {c.trainable.embeddings!r}')
   _require(c.adapter.kind in ADAPTERS, 'adapter.kind', f'must be one of {ADAPTERS}, got {c.adapter.kind!r}')
   try:
     resolve_shape(tuple(c.mesh.shape), num_devices)

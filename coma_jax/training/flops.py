@@ -58,10 +58,11 @@ def _attention(t, sequences: int, length: int) -> float:
 
 def step_flops(model_config, *, sequences: int, length: int, vision_patches: int, label_positions: int = 0,
                llm_trains: bool = False, vision_trains: bool = False, paper_mask: bool = False,
-               full_remat: bool = False, grad_cache: bool = False) -> StepFlops:
+               full_remat: bool = False, grad_cache: bool = False, reused_vision: bool = False) -> StepFlops:
   """FLOPs of one step over `sequences` rows of `length` tokens with `vision_patches` patches in
   all. `llm_trains`: the LLM's weights themselves train (full fine-tuning); with adapters the
-  LLM is frozen but back-propagated through."""
+  LLM is frozen but back-propagated through. `reused_vision`: GradCache's second pass reuses a
+  frozen tower's first-pass output (no second vision forward)."""
   t, v = model_config.text, model_config.vision
   tokens = sequences * length
   text = 2 * _text_params(t) * tokens
@@ -74,5 +75,5 @@ def step_flops(model_config, *, sequences: int, length: int, vision_patches: int
   if full_remat:
     executed += text + attn + (vision if vision_trains else 0)
   if grad_cache:
-    executed += text + attn + vision
+    executed += text + attn + (0 if reused_vision else vision)
   return StepFlops(model=model, executed=executed)

@@ -22,7 +22,7 @@ from coma_jax.data.pipeline import to_global
 from coma_jax.model.inputs import BATCH_AXIS
 from coma_jax.parallel.rules import batch_sharding
 from coma_jax.training import from_config, workdir as workdirs
-from coma_jax.training.flops import device_peak_flops, step_flops
+from coma_jax.training.flops import StepFlops, device_peak_flops, step_flops
 from coma_jax.training.metrics_writer import MetricsWriter
 from coma_jax.training.optim import schedule
 from coma_jax.training.preemption import Preemption
@@ -32,21 +32,38 @@ from coma_jax.training.train_state import TrainState
 log = logging.getLogger('coma_jax.train')
 
 
-def _restore_latest(ckpts, state: TrainState) -> tuple[int, TrainState]:
-  """The newest checkpoint that restores; a broken one is skipped with a warning."""
+# Keys a resumed run may change: they do not change what is computed.
+RESUMABLE_CHANGES = ('data.num_workers', 'data.data_dir', 'checkpoint.', 'validation.')
+
+
+def _config_changes(stored: dict, current: dict) -> list[str]:
+  flat = lambda d, p='': {k2: v2 for k, v in d.items() for k2, v2 in (
+      flat(v, f'{p}{k}.').items() if isinstance(v, dict) else [(f'{p}{k}', v)])}
+  a, b = flat(stored), flat(current)
+  return [k for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k) and not k.startswith(RESUMABLE_CHANGES)]
+
+
+def _restore_latest(ckpts, state: TrainState, config: dict | None = None) -> tuple[int, TrainState, dict]:
+  """The newest checkpoint that restores. A damaged one is deleted, with a warning (else a rerun
+  would skip saving that step and lose the progress again); a config that changed is refused."""
   for step in sorted(ckpts.all_steps(), reverse=True):
     try:
       params, train, meta = ckpts.restore(step, state.params,
                                           {'opt_state': state.opt_state, 'step': state.step, 'skipped': state.skipped})
+      if meta.get('loop_step') != step:
+        raise ValueError(f'its metadata says step {meta.get("loop_step")}')
     except Exception as e:  # noqa: BLE001 -- a damaged checkpoint: fall back to the previous one
-      log.warning('checkpoint %d does not restore (%s: %s); trying the previous one', step, type(e).__name__, e)
+      log.warning('checkpoint %d does not restore (%s: %s); deleting it and trying the previous one', step,
+                  type(e).__name__, str(e)[:500])
+      ckpts.delete(step)
       continue
-    if meta.get('loop_step') != step:
-      log.warning('checkpoint %d: its metadata says step %s; skipping it', step, meta.get('loop_step'))
-      continue
+    changed = _config_changes(meta.get('config') or {}, config) if config is not None and meta.get('config') else []
+    if changed:
+      raise ValueError(f'this workdir was trained with another config ({", ".join(changed[:10])} differ): resume '
+                       'with the same config, or train in a new --workdir')
     return step, TrainState(step=train['step'], params=params, frozen=state.frozen, opt_state=train['opt_state'],
-                            skipped=train['skipped'])
-  return 0, state
+                            skipped=train['skipped']), meta
+  return 0, state, {}
 
 
 def _leftover_tmp(directory: str) -> list[str]:
@@ -79,17 +96,24 @@ class Progress:
 
 
 def _flops(run: Run, batch: dict):
+  """Model and executed FLOPs of this step's batch (every side of a stage-2 pair at its own
+  length). Padded tokens count: they are computed (the padding waste is its own metric)."""
   c = run.config
   sides = [batch[s] for s in from_config.sides(c)] if run.stage2 else [batch]
-  ids = sides[0]['inputs'].input_ids
-  rows, length = ids.shape[0] * jax.process_count(), ids.shape[1]
-  patches = sum(0 if s['inputs'].pixel_patches is None else s['inputs'].pixel_patches.shape[0]
-                * s['inputs'].pixel_patches.shape[1] for s in sides) * jax.process_count()
-  return step_flops(run.model_config, sequences=rows * len(sides), length=length, vision_patches=patches,
-                    label_positions=0 if run.stage2 else rows * batch['label_positions'].shape[1],
-                    llm_trains=c.trainable.full, vision_trains=c.trainable.vision or c.trainable.full,
-                    paper_mask=not run.stage2 and c.stage1.mask == 'paper', full_remat=c.model.remat == 'full',
-                    grad_cache=run.stage2 and c.stage2.chunks > 1)
+  total = None
+  for side in sides:
+    ids, pixels = side['inputs'].input_ids, side['inputs'].pixel_patches
+    rows = ids.shape[0] * jax.process_count()
+    patches = 0 if pixels is None else pixels.shape[0] * pixels.shape[1] * jax.process_count()
+    vision_trains = c.trainable.vision or c.trainable.full
+    f = step_flops(run.model_config, sequences=rows, length=ids.shape[1], vision_patches=patches,
+                   label_positions=0 if run.stage2 else rows * side['label_positions'].shape[1],
+                   llm_trains=c.trainable.full, vision_trains=vision_trains,
+                   paper_mask=not run.stage2 and c.stage1.mask == 'paper', full_remat=c.model.remat == 'full',
+                   grad_cache=run.stage2 and c.stage2.chunks > 1,
+                   reused_vision=run.stage2 and c.stage2.reuse_frozen_vision and not vision_trains)
+    total = f if total is None else StepFlops(total.model + f.model, total.executed + f.executed)
+  return total
 
 
 def _collapse_warning(run: Run, loss: float, history: list) -> None:
@@ -110,16 +134,21 @@ def train(c, workdir: str, profile_steps: tuple[int, int] | None = None, devices
   preemption = Preemption().install()  # before the (long) set-up: a SIGTERM then stops at step 0
   run = build_run(c, devices=devices)
   workdir = os.path.abspath(workdir)
+  workdirs.check_same_base(workdir, run.base)
   workdirs.write_run_files(workdir, c, run.model_config, run.first_compression_id, run.base)
   ckpt_dir = os.path.join(workdir, 'checkpoints')
   for name in _leftover_tmp(ckpt_dir):
     log.warning('%s: a half-written checkpoint (%s) is ignored and removed', ckpt_dir, name)
   ckpts = workdirs.checkpoints_of(workdir, c, read_only=False)
   writer = MetricsWriter(workdir, enabled=jax.process_index() == 0)
-  start, state = _restore_latest(ckpts, run.setup.state)
+  config_json = json.loads(c.to_json_best_effort())
+  start, state, meta = _restore_latest(ckpts, run.setup.state, config_json)
+  run.setup.state = None  # the fresh initial state: restored over, or donated by the first step
+  writer.truncate_after(start)  # a run killed before its first checkpoint wrote steps that rerun now
   if start:
     log.info('resuming from checkpoint %d', start)
-    writer.truncate_after(start)
+    if run.base['kind'] == 'saved':  # the frozen weights this run started from, not a rebuilt copy
+      state = state.replace(frozen=workdirs.restore_base(workdir, state.frozen))
   elif run.base['kind'] == 'saved':
     workdirs.save_base(workdir, state.frozen)
   if start >= c.train.steps:
@@ -140,14 +169,15 @@ def train(c, workdir: str, profile_steps: tuple[int, int] | None = None, devices
   peak = device_peak_flops()
   sharding_for = lambda name, shape: batch_sharding(shape, BATCH_AXIS.get(name, 0), run.rules, run.mesh)
   collapse_history: list = []
-  config_json = json.loads(c.to_json_best_effort())
+  if meta.get('data', {}).get('bad_records'):  # the skip report continues across restarts
+    loader.restore_report(meta['data']['bad_records'])
 
   def save(step: int, metrics: dict | None = None) -> None:
     if step == 0 or step in ckpts.all_steps():  # preempted right after a scheduled save, or before any step
       return
     train_items = {'opt_state': state.opt_state, 'step': state.step, 'skipped': state.skipped}
-    meta = {'loop_step': step, 'data': {'step': step}, 'seed': c.seed, 'key': 'fold_in(key(seed), loop step)',
-            'config': config_json}
+    meta = {'loop_step': step, 'data': {'step': step, 'bad_records': loader.report()}, 'seed': c.seed,
+            'key': 'fold_in(key(seed), loop step)', 'config': config_json}
     ckpts.save(step, state.params, train_items, meta, metrics=metrics)
 
   step = start
@@ -195,7 +225,7 @@ def train(c, workdir: str, profile_steps: tuple[int, int] | None = None, devices
       if profile_steps and step == profile_steps[1]:
         jax.profiler.stop_trace()
       val = None
-      if validation is not None and step % c.validation.every == 0:
+      if validation is not None and (step % c.validation.every == 0 or step == c.train.steps):
         val = validation(state)
         writer.write(step, val, split='validation')
         log.info('validation at step %d: %s', step, {k: round(v, 4) for k, v in val.items()})
@@ -205,6 +235,8 @@ def train(c, workdir: str, profile_steps: tuple[int, int] | None = None, devices
       if step % c.checkpoint.every == 0 or step == c.train.steps:
         save(step, {validation.metric: val[validation.metric]} if val is not None else None)
   finally:
+    if profile_steps and profile_steps[0] <= step < profile_steps[1]:
+      jax.profiler.stop_trace()
     preemption.uninstall()
     progress.close()
     ckpts.wait()

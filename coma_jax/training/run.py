@@ -108,7 +108,7 @@ def make_model(c, mesh, rules, abstract: bool) -> tuple[Qwen25VL, dict]:
   config = from_config.model_config(c)
   if c.model.init == 'pretrained':
     from coma_jax.hf import load_pretrained
-    model = load_pretrained(c.model.checkpoint, dtype=jnp.float32, compute_dtype=opts['dtype'],
+    model = load_pretrained(c.model.checkpoint, dtype=from_config.DTYPES[c.model.frozen_dtype], compute_dtype=opts['dtype'],
                             shardings=workdirs.param_sharding_fn(config, opts, mesh, rules),
                             **{k: opts[k] for k in ('scan_layers', 'remat', 'attention_impl')})
     if adapters is not None:
@@ -123,17 +123,38 @@ def make_model(c, mesh, rules, abstract: bool) -> tuple[Qwen25VL, dict]:
   return create_sharded(make, mesh, rules), {'kind': 'saved'}
 
 
+def _init_from_embedding(c) -> dict | None:
+  """The compression tokens (K, first id) and tokenizer an `init_from` workdir trained with."""
+  if not c.init_from:
+    return None
+  import json
+  path = parse_init_from(c.init_from)[0]
+  meta_path = os.path.join(path, 'coma_embedding.json')
+  if not os.path.isfile(meta_path):  # a planning stub holds the config alone
+    return None
+  with open(meta_path) as f:
+    meta = json.load(f)
+  from coma_jax.training.workdir import read_config
+  return dict(meta, tokenizer_path=read_config(path).model.checkpoint or None)
+
+
 def build_run(c, *, abstract: bool = False, devices=None) -> Run:
   """Checks the config (before anything compiles), then builds everything a run needs."""
   devices = list(devices if devices is not None else jax.devices())
   check_config(c, len(devices), jax.process_count(), abstract=abstract)
   mesh = make_mesh(tuple(c.mesh.shape), devices)
   rules = from_config.rules(c)
-  tokenizer = load_tokenizer(c.model.checkpoint or None)
+  source = _init_from_embedding(c)
+  tokenizer = load_tokenizer(c.model.checkpoint or (source or {}).get('tokenizer_path') or None)
   model, base = make_model(c, mesh, rules, abstract)
   model_config = model.config
   first_id = tokenizer.add_compression_tokens(c.model.num_compression_tokens,
                                               embedding_rows=model_config.text.vocab_size)[0]
+  if source and (source['num_compression_tokens'], source['first_compression_token_id']) != (
+      c.model.num_compression_tokens, first_id):
+    raise ConfigError(f'config.model.num_compression_tokens: {c.model.num_compression_tokens} tokens from id '
+                      f'{first_id}, but config.init_from trained {source["num_compression_tokens"]} from id '
+                      f'{source["first_compression_token_id"]}')
   if c.stage == 'stage2':
     step_cfg = from_config.stage2_step_config(c, first_id)
     make_step = lambda g, tx: make_stage2_step(g, tx, step_cfg)

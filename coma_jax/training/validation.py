@@ -46,7 +46,10 @@ class Stage1Validation:
       raise ValueError(f'config.validation.every: stage1_qa under {c.data.data_dir} has no validation split '
                        '(build it with --validation-input, or set validation.every=0)')
     n = min(len(source['validation']), c.validation.max_examples)
-    self.steps = max(1, n // c.data.global_batch)
+    if n < c.data.global_batch:  # found now, not after validation.every steps of training
+      raise ValueError(f'config.validation.max_examples: {n} validation records (of stage1_qa\'s '
+                       f'{len(source["validation"])}) are fewer than one data.global_batch of {c.data.global_batch}')
+    self.steps = n // c.data.global_batch
     self.evaluate = jax.jit(under_rules(make_stage1_eval(run.setup.graphdef, run.step_config), run.mesh, run.rules))
 
   def __call__(self, state) -> dict:

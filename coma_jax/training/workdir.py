@@ -92,6 +92,25 @@ def pretrained_base_record(path: str) -> dict:
   return {'kind': 'pretrained', 'path': os.path.abspath(path), 'sha256': directory_hash(path)}
 
 
+def check_same_base(workdir: str, base: dict) -> None:
+  """A rerun in an existing workdir must start from the same pretrained base it recorded."""
+  path = os.path.join(workdir, 'base.json')
+  if not os.path.isfile(path) or base.get('kind') != 'pretrained':
+    return
+  with open(path) as f:
+    recorded = json.load(f)
+  if recorded.get('kind') == 'pretrained' and recorded.get('sha256') != base.get('sha256'):
+    raise ValueError(f'{workdir} was trained from {recorded.get("path")} (content hash {recorded.get("sha256")}); '
+                     f'{base.get("path")} differs. Use the same checkpoint or a new --workdir')
+
+
+def restore_base(workdir: str, frozen_like):
+  """The frozen weights saved when this run started, into the shardings of `frozen_like`."""
+  like = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), frozen_like)
+  with ocp.StandardCheckpointer() as ckptr:
+    return ckptr.restore(os.path.join(os.path.abspath(workdir), 'base'), like)
+
+
 def save_base(workdir: str, frozen) -> None:
   """The frozen weights (random init, or merged from an earlier stage), once per run."""
   path = os.path.join(os.path.abspath(workdir), 'base')
