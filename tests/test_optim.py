@@ -1,5 +1,4 @@
 """The optimiser update: embeddings='new_tokens_only' masks the frozen rows before clipping."""
-import jax
 import jax.numpy as jnp
 import numpy as np
 

@@ -13,7 +13,7 @@ import os
 import warnings
 
 import numpy as np
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 
 from coma_jax.data.bad_records import BadRecord
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
-from typing import Any, Callable
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -167,6 +167,3 @@ def build_run(c, *, abstract: bool = False, devices=None) -> Run:
                             frozen_replicated=c.mesh.frozen_replicated)
   return Run(c, mesh, rules, tokenizer, model_config, first_id, step_cfg, setup, base)
 
-
-def data_dir_has(c, name: str) -> bool:
-  return os.path.isdir(os.path.join(c.data.data_dir, name))

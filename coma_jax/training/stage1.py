@@ -21,6 +21,7 @@ from flax import nnx
 from coma_jax.model.lora import DropoutContext
 from coma_jax.training.micro_batches import split_micro_batches
 from coma_jax.training.stage1_attention import stage1_attend
+from coma_jax.training.train_state import TrainState
 from coma_jax.training.updates import apply_gradients, with_example_ids
 
 

@@ -11,9 +11,8 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
-from coma_jax.data.sequences import ROLE_COMPRESSION, ROLE_DIALOGUE, ROLE_PAD, ROLE_PREFIX
+from coma_jax.data.sequences import ROLE_DIALOGUE, ROLE_PREFIX
 from coma_jax.model.attention import attention
 
 MASK_MODES = ('paper', 'causal')
