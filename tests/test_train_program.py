@@ -7,44 +7,12 @@ import json
 import os
 import signal
 import subprocess
-import sys
 import time
 
 import jax
 import numpy as np
-import pytest
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-STEPS = 5  # a SIGTERM after step 3 always leaves a step boundary to stop at
-
-
-def command(workdir, data_dir, variant='stage1', *overrides):
-  return [sys.executable, '-m', 'coma_jax.train', '--config', f'configs/tiny.py:{variant}', '--workdir', str(workdir),
-          f'--config.data.data_dir={data_dir}', f'--config.train.steps={STEPS}', '--config.checkpoint.every=2',
-          '--config.validation.every=2', '--config.data.num_workers=2', *overrides]
-
-
-def env():
-  return dict(os.environ, PYTHONPATH=ROOT, XLA_FLAGS='')  # one device: the 8 fake ones are slow on 2 cores
-
-
-def records(workdir):
-  path = os.path.join(workdir, 'metrics.jsonl')
-  if not os.path.exists(path):
-    return []
-  out = []
-  for line in open(path):
-    try:
-      out.append(json.loads(line))
-    except json.JSONDecodeError:  # the line being written
-      pass
-  return out
-
-
-def run_to_end(cmd, timeout=600):
-  proc = subprocess.run(cmd, cwd=ROOT, env=env(), capture_output=True, text=True, timeout=timeout)
-  assert proc.returncode == 0, proc.stderr[-4000:]
-  return proc.stderr
+from tests.train_runs import ROOT, STEPS, command, env, records, run_to_end
 
 
 def last_step(workdir):
@@ -71,13 +39,6 @@ def interrupt_after(cmd, workdir, step, sig, resumed_from=None, timeout=600):
 
 def by_step(rows, split=None):
   return {r['step']: r for r in rows if r.get('split') == split}
-
-
-@pytest.fixture(scope='module')
-def uninterrupted(demo_data_dir, tmp_path_factory):
-  workdir = tmp_path_factory.mktemp('runs') / 'uninterrupted'
-  err = run_to_end(command(workdir, demo_data_dir))
-  return workdir, err
 
 
 def test_kill_then_sigterm_then_resume_reproduce_the_run(uninterrupted, demo_data_dir, tmp_path):
@@ -128,11 +89,8 @@ def test_the_workdir_and_its_metrics(uninterrupted):
   assert plot.main([str(workdir)]) == 0 and (workdir / 'plots' / 'loss.png').stat().st_size > 1000
 
 
-def test_stage2_starts_from_the_stage1_workdir(uninterrupted, demo_data_dir, tmp_path):
-  workdir = tmp_path / 'stage2'
-  run_to_end(command(workdir, demo_data_dir, 'stage2', f'--config.init_from={uninterrupted[0]}',
-                     '--config.train.steps=2', '--config.data.num_workers=0'))
-  validation = by_step(records(workdir), 'validation')
+def test_stage2_starts_from_the_stage1_workdir(stage2_run):
+  validation = by_step(records(stage2_run), 'validation')
   assert 0 <= validation[2]['p_at_1'] <= 1 and 'p_at_1/MSCOCO_t2i' in validation[2]
 
 
