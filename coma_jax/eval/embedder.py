@@ -39,6 +39,7 @@ from coma_jax.training.stage2 import embed_side
 log = logging.getLogger('coma_jax.embed')
 REQUIRED = ('num_compression_tokens', 'first_compression_token_id', 'min_pixels', 'max_pixels')
 MAX_LENGTH, MAX_VISION_SLOTS = 8192, 16384
+RELEASE_K = 32  # the authors' released checkpoints: 32 compression tokens
 
 
 def _bucket_size(n: int, smallest: int) -> int:
@@ -62,6 +63,17 @@ def _image_ref(image):
     image.save(buf, 'PNG')  # lossless: the decoder sees exactly these pixels
     return buf.getvalue()
   raise TypeError(f'an image must be a path, bytes, a PIL image or an array, got {type(image).__name__}')
+
+
+def local_mesh() -> Mesh:
+  """The batch is split over this process's devices; the weights are replicated on them."""
+  return Mesh(np.asarray(jax.local_devices()), ('data',))
+
+
+def _load_hf_replicated(path: str):
+  from jax.sharding import NamedSharding, PartitionSpec
+  from coma_jax.hf import load_pretrained
+  return load_pretrained(path, shardings=NamedSharding(local_mesh(), PartitionSpec()))
 
 
 def compose_text(text: str | None, instruction: str | None, has_image: bool) -> str:
@@ -88,7 +100,7 @@ class Embedder:
     self.image = ImageSettings(min_pixels=metadata['min_pixels'], max_pixels=metadata['max_pixels'])
     self.settings = SequenceSettings(num_compression_tokens=self.k, max_length=MAX_LENGTH,
                                      max_vision_slots=MAX_VISION_SLOTS, image=self.image)
-    self.mesh = mesh or Mesh(np.asarray(jax.local_devices()), ('data',))
+    self.mesh = mesh or local_mesh()
     self.rules = rules_dict([('batch', 'data')])
     graphdef, state = nnx.split(model)
     self._state = state
@@ -97,8 +109,16 @@ class Embedder:
     self.truncated = 0
 
   @classmethod
-  def load(cls, path: str, step: int | None = None, best: bool = False) -> 'Embedder':
-    """A coma_jax workdir (its final step, or `step`, or its best checkpoint)."""
+  def load(cls, path: str, step: int | None = None, best: bool = False, preset: str | None = None) -> 'Embedder':
+    """A coma_jax workdir (its final step, or `step`, or its best checkpoint) or export.
+
+    `preset='coma_release'`: the authors' released PyTorch checkpoints (a merged Qwen2.5-VL whose
+    tokenizer adds <|ctoken_pad_0..31|>), which carry no coma_embedding.json; their training recipe
+    is assumed: mean pooling over the 32 compression tokens and 256-1024 visual tokens. (Their
+    released eval script pools the last token instead; training pooled the mean, and so do we.)
+    """
+    if preset is not None:
+      return cls._load_preset(path, preset)
     meta_path = os.path.join(path, 'coma_embedding.json')
     if not os.path.isfile(meta_path):
       raise FileNotFoundError(f'{path} has no coma_embedding.json: not a coma_jax workdir or export')
@@ -109,9 +129,22 @@ class Embedder:
       model = load_model(path, step=step, best=best)
       tokenizer = load_tokenizer(read_config(path).model.checkpoint or None)
     else:
-      from coma_jax.hf import load_pretrained
-      model, tokenizer = load_pretrained(path), load_tokenizer(path)
+      model, tokenizer = _load_hf_replicated(path), load_tokenizer(path)
     return cls(model, tokenizer, metadata)
+
+  @classmethod
+  def _load_preset(cls, path: str, preset: str) -> 'Embedder':
+    if preset != 'coma_release':
+      raise ValueError(f"unknown preset {preset!r}; known: 'coma_release'")
+    tokenizer = load_tokenizer(path)
+    if len(tokenizer.compression_ids) != RELEASE_K:
+      raise ValueError(f'{path}: the coma_release preset expects a tokenizer with {RELEASE_K} <|ctoken_pad_i|> tokens, '
+                       f'found {len(tokenizer.compression_ids)}')
+    metadata = {'preset': preset, 'num_compression_tokens': RELEASE_K,
+                'first_compression_token_id': tokenizer.compression_ids[0],
+                'pooling': 'mean over the compression tokens of the final-norm hidden states', 'normalisation': 'l2',
+                'min_pixels': 28 * 28 * 256, 'max_pixels': 28 * 28 * 1024}
+    return cls(_load_hf_replicated(path), tokenizer, metadata)
 
   @property
   def dim(self) -> int:
