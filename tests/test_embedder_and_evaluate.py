@@ -59,6 +59,24 @@ def test_evaluate_published_layout_and_tfds_agree(stage2_run, demo_data_dir, tmp
   assert (tmp_path / 'a' / 'report.md').exists() and (tmp_path / 'a' / 'report.png').stat().st_size > 1000
 
 
+def test_candidate_lists_of_different_lengths(stage2_run, demo_data_dir, tmp_path):
+  raw = os.path.join(demo_data_dir, 'mmeb_eval_raw')
+  mmeb = tmp_path / 'mmeb'
+  shutil.copytree(raw, mmeb)
+  image = next(p for p in os.listdir(mmeb / 'images' / 'ImageNet-1K'))
+  rows = [{'qry_text': '<|image_1|>\nRepresent the given image for classification',
+           'qry_img_path': f'ImageNet-1K/{image}', 'tgt_text': ['cat', 'dog', 'cup', 'rocket'][:n],
+           'tgt_img_path': [''] * n} for n in (2, 3, 4)]
+  (mmeb / 'VOC2007').mkdir()
+  pq.write_table(pa.Table.from_pylist(rows), str(mmeb / 'VOC2007' / 'test.parquet'))
+  assert evaluate.main(['--model', str(stage2_run), '--mmeb_dir', str(mmeb), '--image_root', str(mmeb / 'images'),
+                        '--datasets', 'VOC2007', '--tie_rule', 'strict', '--out', str(tmp_path / 'out')]) == 0
+  report = json.load(open(tmp_path / 'out' / 'report.json'))
+  voc = report['aggregate']['datasets']['VOC2007']
+  assert voc['p_at_1'] in (0.0, 1 / 3, 2 / 3, 1.0) and report['meta']['tie_rule'] == 'strict'
+  assert 'VOC2007' in open(tmp_path / 'out' / 'report.md').read()
+
+
 def test_a_bad_eval_row_is_an_error_naming_it(stage2_run, demo_data_dir, tmp_path, capsys):
   raw = os.path.join(demo_data_dir, 'mmeb_eval_raw')
   bad = tmp_path / 'mmeb'
