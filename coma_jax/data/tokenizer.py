@@ -9,6 +9,7 @@ which are unused rows of the Qwen2.5-VL embedding matrix (151,936 or 152,064 row
 from __future__ import annotations
 
 import base64
+import json
 import os
 import unicodedata
 from typing import Sequence
@@ -189,6 +190,22 @@ class QwenTokenizer:
   def save(self, path: str) -> None:
     os.makedirs(path, exist_ok=True)
     self._tok.save(os.path.join(path, 'tokenizer.json'))
+
+  def save_pretrained(self, path: str, chat_template: str | None = None) -> None:
+    """tokenizer.json plus the tokenizer_config.json `transformers.AutoTokenizer` reads: the
+    tokenizers-backed Qwen2 class, every added token (compression tokens included) at its id."""
+    self.save(path)
+    added = {str(i): dict(content=t.content, special=t.special, normalized=t.normalized, lstrip=t.lstrip,
+                          rstrip=t.rstrip, single_word=t.single_word)
+             for i, t in sorted(self._tok.get_added_tokens_decoder().items())}
+    config = dict(tokenizer_class='Qwen2Tokenizer', added_tokens_decoder=added, bos_token=None,
+                  eos_token='<|im_end|>', pad_token='<|endoftext|>', unk_token=None, errors='replace',
+                  model_max_length=131072, add_prefix_space=False, clean_up_tokenization_spaces=False,
+                  split_special_tokens=False)
+    if chat_template:
+      config['chat_template'] = chat_template
+    with open(os.path.join(path, 'tokenizer_config.json'), 'w') as f:
+      json.dump(config, f, indent=2, ensure_ascii=False)
 
 
 def load_tokenizer(path: str | None = None) -> QwenTokenizer:
