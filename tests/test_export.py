@@ -143,3 +143,10 @@ def test_refusals_are_named(uninterrupted, merged, capsys):
   assert 'not empty' in capsys.readouterr().err
   assert export.main(['--checkpoint', str(uninterrupted[0]), '--out', str(merged) + '_peft', '--peft']) == 1
   assert 'random-init run' in capsys.readouterr().err
+
+
+def test_the_embedder_loads_the_export_too(merged, reference):
+  """An exported directory carries coma_embedding.json and the tokenizer: the same embeddings."""
+  again = coma_jax.Embedder.load(str(merged))
+  for kw in items():
+    np.testing.assert_allclose(again.encode(**kw), reference.encode(**kw), atol=1e-5)
