@@ -145,3 +145,31 @@ def test_the_coma_release_preset_reads_the_authors_layout(tmp_path):
   assert emb.metadata['min_pixels'] == 28 * 28 * 256
   out = emb.encode(texts=['a photo of a cat'])
   assert out.shape == (1, 256) and np.isclose(np.linalg.norm(out), 1, atol=1e-5)
+
+
+def test_bulk_embedding_killed_with_sigkill_and_rerun(stage2_run, tmp_path):
+  """A real kill: the CLI in its own process group, SIGKILLed once its first shard is on disk."""
+  import signal
+  import subprocess
+  import sys
+  import time
+  from tests.train_runs import ROOT, env
+  path = tmp_path / 'items.jsonl'
+  path.write_text(''.join(json.dumps({'id': f'r{i}', 'text': f'item number {i}'}) + '\n' for i in range(24)))
+  cmd = [sys.executable, '-m', 'coma_jax.embed', '--model', str(stage2_run), '--input', str(path), '--shard_size', '2']
+  subprocess.run(cmd + ['--out', str(tmp_path / 'whole')], cwd=ROOT, env=env(), check=True, capture_output=True)
+  proc = subprocess.Popen(cmd + ['--out', str(tmp_path / 'cut')], cwd=ROOT, env=env(), start_new_session=True,
+                          stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+  deadline = time.time() + 300
+  while not (tmp_path / 'cut' / 'ids-0-0.json').exists():
+    assert proc.poll() is None and time.time() < deadline
+    time.sleep(0.02)
+  os.killpg(proc.pid, signal.SIGKILL)
+  proc.wait()
+  done = sorted(os.listdir(tmp_path / 'cut'))
+  assert 'manifest.json' not in done  # it stopped part-way
+  subprocess.run(cmd + ['--out', str(tmp_path / 'cut')], cwd=ROOT, env=env(), check=True, capture_output=True)
+  whole = sorted(f for f in os.listdir(tmp_path / 'whole') if f != 'manifest.json')
+  assert sorted(f for f in os.listdir(tmp_path / 'cut') if f != 'manifest.json') == whole and len(whole) == 24
+  for name in whole:
+    assert (tmp_path / 'cut' / name).read_bytes() == (tmp_path / 'whole' / name).read_bytes(), name
