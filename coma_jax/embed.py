@@ -20,7 +20,7 @@ import sys
 import numpy as np
 
 from coma_jax.data.formats import Side, check_text, read_rows
-from coma_jax.eval.embedder import compose_text
+from coma_jax.eval.embedder import add_model_arguments, compose_text, embedder_from_args
 
 log = logging.getLogger('coma_jax.embed')
 
@@ -86,28 +86,20 @@ def embed_file(embedder, items: list[dict], out: str, *, role: str = 'query', sh
 
 def main(argv=None) -> int:
   parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-  parser.add_argument('--model', required=True)
+  add_model_arguments(parser)
   parser.add_argument('--input', required=True)
   parser.add_argument('--image_root', default=None)
   parser.add_argument('--role', choices=['query', 'target'], default='query')
   parser.add_argument('--shard_size', type=int, default=4096)
-  parser.add_argument('--batch_size', type=int, default=8)
-  parser.add_argument('--step', type=int, default=None)
-  parser.add_argument('--best', action='store_true')
   parser.add_argument('--out', required=True)
   args = parser.parse_args(argv)
-  logging.basicConfig(level=logging.INFO, format='%(levelname)s %(name)s: %(message)s')
   import jax
-
-  from coma_jax.eval.embedder import Embedder
-  from coma_jax.runtime import enable_compilation_cache
-  enable_compilation_cache()
   try:
     items = read_items(args.input, args.image_root)
   except EmbedInputError as e:
     print(f'error: {e}', file=sys.stderr)
     return 1
-  embedder = Embedder.load(args.model, step=args.step, best=args.best)
+  embedder = embedder_from_args(args)
   shards = embed_file(embedder, items, args.out, role=args.role, shard_size=args.shard_size,
                       batch_size=args.batch_size, process_index=jax.process_index(), process_count=jax.process_count())
   if jax.process_index() == 0:

@@ -73,28 +73,23 @@ def evaluate(embedder, data: dict, tie_rule: str = 'reference', task_table=None,
 
 
 def main(argv=None) -> int:
+  from coma_jax.eval.embedder import add_model_arguments
   parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-  parser.add_argument('--model', required=True, help='a coma_jax workdir or export')
+  add_model_arguments(parser)
   parser.add_argument('--mmeb_dir', required=True, help='MMEB-eval (published layout) or a data_dir with mmeb_eval')
   parser.add_argument('--image_root', default=None)
   parser.add_argument('--datasets', nargs='*', default=None)
   parser.add_argument('--tie_rule', choices=['reference', 'strict'], default='reference')
   parser.add_argument('--task_table', default=None, help='JSON: dataset -> {meta_task, chance} for non-MMEB data')
-  parser.add_argument('--batch_size', type=int, default=8)
-  parser.add_argument('--step', type=int, default=None)
-  parser.add_argument('--best', action='store_true')
   parser.add_argument('--out', required=True)
   args = parser.parse_args(argv)
-  logging.basicConfig(level=logging.INFO, format='%(levelname)s %(name)s: %(message)s')
-  from coma_jax.eval.embedder import Embedder
+  from coma_jax.eval.embedder import embedder_from_args
   from coma_jax.eval.mmeb_data import EvalDataError, read_mmeb_eval
   from coma_jax.eval.mmeb_report import write_report
   from coma_jax.eval.mmeb_scores import load_task_table
-  from coma_jax.runtime import enable_compilation_cache
-  enable_compilation_cache()
   try:
     data = read_mmeb_eval(args.mmeb_dir, args.image_root, args.datasets)
-    embedder = Embedder.load(args.model, step=args.step, best=args.best)
+    embedder = embedder_from_args(args)
     table = load_task_table(args.task_table) if args.task_table else None
     per_dataset, summary = evaluate(embedder, data, args.tie_rule, table, args.batch_size)
   except (EvalDataError, FileNotFoundError) as e:

@@ -215,3 +215,18 @@ class Embedder:
   def similarity(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     """Cosine similarities (the embeddings are unit vectors): (N, M)."""
     return np.asarray(a) @ np.asarray(b).T
+
+
+def add_model_arguments(parser) -> None:
+  """The command-line options that pick a model, shared by `evaluate` and `embed`."""
+  parser.add_argument('--model', required=True, help='a coma_jax workdir or export')
+  parser.add_argument('--step', type=int, default=None, help="a workdir's checkpoint step (default: the final one)")
+  parser.add_argument('--best', action='store_true', help="a workdir's best checkpoint by validation")
+  parser.add_argument('--batch_size', type=int, default=8)
+
+
+def embedder_from_args(args) -> Embedder:
+  from coma_jax.runtime import enable_compilation_cache
+  logging.basicConfig(level=logging.INFO, format='%(levelname)s %(name)s: %(message)s')
+  enable_compilation_cache()
+  return Embedder.load(args.model, step=args.step, best=args.best)
