@@ -51,11 +51,11 @@ def check_example_contract(ex: Example, cfg: ModelConfig, settings: SequenceSett
                    tokens_per_second=cfg.vision.tokens_per_second)
     if ex.grids:
       build_vision_layout(ex.grids, cfg.vision)
+    slots = example_slots(ex.grids, cfg)
     problems = [
         f'{len(ex.tokens)} tokens > max_length {settings.max_length}' if len(ex.tokens) > settings.max_length else '',
         f'{ex.num_labels} labels > {settings.max_label_tokens}' if ex.num_labels > settings.max_label_tokens else '',
-        f'{example_slots(ex.grids, cfg)} vision slots > {settings.max_vision_slots}'
-        if example_slots(ex.grids, cfg) > settings.max_vision_slots else '',
+        f'{slots} vision slots > {settings.max_vision_slots}' if slots > settings.max_vision_slots else '',
         'compression tokens' if int((ex.roles == ROLE_COMPRESSION).sum()) != settings.num_compression_tokens else '',
         'lengths' if not len(ex.tokens) == len(ex.roles) == len(ex.labels) else '',
         'video placeholders' if (ex.tokens == cfg.video_token_id).any() else '']

@@ -1,1 +1,1 @@
-"""Evaluation: retrieval scoring (Precision@1) used by stage-2 validation; the MMEB harness grows here."""
+"""Evaluation: the Embedder, MMEB-eval reading, Precision@1 scoring and reports."""

@@ -163,8 +163,10 @@ class Embedder:
     return out
 
   def encode_sides(self, sides: Sequence[Side], batch_size: int = 8, truncate: bool = True,
-                   progress: bool | None = None) -> np.ndarray:
-    """(N, D) L2-normalised embeddings of prepared sides (text with its `<|image_1|>` and image)."""
+                   progress: bool | None = None, state=None) -> np.ndarray:
+    """(N, D) L2-normalised embeddings of prepared sides (text with its `<|image_1|>` and image).
+    `state`: other weights of the same model (`nnx.state` of it), e.g. during training."""
+    state = self._state if state is None else state
     shards = self.mesh.devices.size
     rows = -(-batch_size // shards) * shards  # whole rows per device
     cfg = self.model.config
@@ -183,7 +185,7 @@ class Embedder:
                       _bucket_size(needs.vision_slots, cfg.vision.window_patches) if needs.vision_slots else 0, 0)
       batch = collate(examples, cfg, bucket, 1, self.k)
       side = to_global({k: batch[k] for k in ('inputs', 'compression_positions', 'example_valid')}, sharding)
-      out[start:start + n] = np.asarray(jax.device_get(self._embed(self._state, side)))[:n]
+      out[start:start + n] = np.asarray(jax.device_get(self._embed(state, side)))[:n]
       if bar is not None:
         bar.update(n)
     if bar is not None:

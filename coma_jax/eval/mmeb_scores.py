@@ -176,3 +176,13 @@ def _p_at_1(name: str, value) -> float:
   if not (_is_number(p) and 0 <= p <= 1):
     raise ValueError(f'per_dataset[{name!r}]: P@1 must be a finite number in [0, 1]; got {p!r}')
   return float(p)
+
+
+def mean_cosine(embeddings) -> float:
+  """Mean pairwise cosine similarity of unit vectors (1.0: every embedding is the same: collapse)."""
+  embeddings = np.asarray(embeddings, np.float64)
+  n = len(embeddings)
+  if n < 2:
+    return float('nan')
+  sims = embeddings @ embeddings.T
+  return float((sims.sum() - np.trace(sims)) / (n * (n - 1)))

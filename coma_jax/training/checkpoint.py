@@ -20,7 +20,7 @@ from orbax.checkpoint.checkpoint_managers import preservation_policy as pp
 log = logging.getLogger('coma_jax.train')
 
 
-def _abstract(tree):
+def abstract_like(tree):
   """ShapeDtypeStructs with shardings: Orbax restores straight into them (any mesh)."""
   return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), tree)
 
@@ -57,9 +57,9 @@ class Checkpoints:
   def restore(self, step: int, params_like, train_like=None) -> tuple:
     """Restores into the shardings of the given (abstract or concrete) trees; `train_like=None`
     restores the params and meta only."""
-    items = {'params': ocp.args.StandardRestore(_abstract(params_like)), 'meta': ocp.args.JsonRestore()}
+    items = {'params': ocp.args.StandardRestore(abstract_like(params_like)), 'meta': ocp.args.JsonRestore()}
     if train_like is not None:
-      items['train'] = ocp.args.StandardRestore(_abstract(train_like))
+      items['train'] = ocp.args.StandardRestore(abstract_like(train_like))
     out = self.manager.restore(step, args=ocp.args.Composite(**items))
     return out['params'], out.get('train') if train_like is not None else None, out['meta']
 

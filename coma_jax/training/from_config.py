@@ -7,7 +7,7 @@ from flax import nnx
 
 from coma_jax.data.batching import Bucket, parse_buckets
 from coma_jax.model.config import ModelConfig
-from coma_jax.model.lora import AdapterConfig, apply_adapters
+from coma_jax.model.lora import AdapterConfig, apply_adapters, merge_adapters
 from coma_jax.model.qwen2_5_vl import Qwen25VL
 from coma_jax.parallel.rules import rules_dict
 from coma_jax.training.optim import OptimConfig, TrainableConfig
@@ -34,18 +34,36 @@ def adapter_config(c) -> AdapterConfig | None:
   return AdapterConfig(rank=a.rank, alpha=a.alpha, dropout=a.dropout, dora=a.kind == 'dora', targets=tuple(a.targets))
 
 
-def build_model(c, abstract: bool) -> Qwen25VL:
-  """The model with its adapters; abstract (nothing allocated) for planning."""
-  cfg = model_config(c)
+def model_options(c) -> dict:
+  """What `Qwen25VL` takes from config.model besides its architecture."""
   m = c.model
+  return dict(dtype=DTYPES[m.dtype], param_dtype=jnp.float32, scan_layers=m.scan_layers, remat=m.remat,
+              attention_impl=m.attention)
+
+
+def model_factory(c, config: ModelConfig | None = None, *, options: dict | None = None, merge: bool = False,
+                  then: AdapterConfig | None = None):
+  """A function building the model `c` describes, with its adapters; `merge` folds them in and
+  `then` adds fresh ones (a next stage's start). For `nnx.eval_shape`, `create_sharded` or a call."""
+  config = config or model_config(c)
+  options = options or model_options(c)
+  adapters = adapter_config(c)
 
   def make():
-    model = Qwen25VL(cfg, dtype=DTYPES[m.dtype], param_dtype=jnp.float32, scan_layers=m.scan_layers,
-                     remat=m.remat, attention_impl=m.attention, rngs=nnx.Rngs(c.seed))
-    adapters = adapter_config(c)
+    model = Qwen25VL(config, rngs=nnx.Rngs(c.seed), **options)
     if adapters is not None:
       apply_adapters(model, adapters, nnx.Rngs(c.seed + 1))
+    if merge:
+      merge_adapters(model)
+    if then is not None:
+      apply_adapters(model, then, nnx.Rngs(c.seed + 2))
     return model
+  return make
+
+
+def build_model(c, abstract: bool) -> Qwen25VL:
+  """The model with its adapters; abstract (nothing allocated) for planning."""
+  make = model_factory(c)
   return nnx.eval_shape(make) if abstract else make()
 
 

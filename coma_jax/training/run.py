@@ -8,7 +8,6 @@ import os
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 from flax import nnx
 
 from coma_jax.data.image import ImageSettings
@@ -75,18 +74,12 @@ def parse_init_from(spec: str) -> tuple[str, int | None, bool]:
   raise ValueError(f"config.init_from: {spec!r}: expected 'DIR', 'DIR:step=N' or 'DIR:best'")
 
 
-def model_options(c) -> dict:
-  m = c.model
-  return dict(dtype=from_config.DTYPES[m.dtype], param_dtype=jnp.float32, scan_layers=m.scan_layers,
-              remat=m.remat, attention_impl=m.attention)
-
-
 def make_model(c, mesh, rules, abstract: bool) -> tuple[Qwen25VL, dict]:
   """The model to train, with its adapters, and how its frozen base is recorded. From a workdir
   (`init_from`), stage 2 starts from the merged stage-1 weights with a fresh adapter."""
   from coma_jax.training import workdir as workdirs
   adapters = from_config.adapter_config(c)
-  opts = model_options(c)
+  opts = from_config.model_options(c)
   if c.init_from:
     path, step, best = parse_init_from(c.init_from)
     merge = c.stage == 'stage2'
@@ -94,8 +87,8 @@ def make_model(c, mesh, rules, abstract: bool) -> tuple[Qwen25VL, dict]:
       raise ConfigError(f'config.init_from: {path} trained another model than config.model names '
                         f'({c.model.checkpoint or c.model.hf_config})')
     if abstract:
-      source = workdirs.model_structure(workdirs.read_config(path), workdirs.read_model_config(path), opts,
-                                        merge=merge, then=adapters)
+      source = from_config.model_factory(workdirs.read_config(path), workdirs.read_model_config(path),
+                                         options=opts, merge=merge, then=adapters if merge else None)
       return nnx.eval_shape(source), {'kind': 'abstract'}
     model = workdirs.load_model(path, step=step, best=best, mesh=mesh, rules=rules, model_options=opts)
     if merge:
@@ -115,12 +108,7 @@ def make_model(c, mesh, rules, abstract: bool) -> tuple[Qwen25VL, dict]:
       apply_adapters(model, adapters, nnx.Rngs(c.seed + 1))
     return model, workdirs.pretrained_base_record(c.model.checkpoint)
 
-  def make():
-    model = Qwen25VL(config, rngs=nnx.Rngs(c.seed), **opts)
-    if adapters is not None:
-      apply_adapters(model, adapters, nnx.Rngs(c.seed + 1))
-    return model
-  return create_sharded(make, mesh, rules), {'kind': 'saved'}
+  return create_sharded(from_config.model_factory(c, config), mesh, rules), {'kind': 'saved'}
 
 
 def _init_from_embedding(c) -> dict | None:

@@ -8,27 +8,23 @@ Single-process for now: with several processes every process would embed the sam
 """
 from __future__ import annotations
 
-import logging
 import os
 
 import jax
 import numpy as np
 from flax import nnx
 
-from coma_jax.data.batching import collate, example_slots, needs_of, parse_buckets, pick_bucket
-from coma_jax.data.bad_records import BadRecord
 from coma_jax.data.formats import Side, check_text
-from coma_jax.data.loaders import open_builder, sequence_settings, stage1_loader
-from coma_jax.data.sequences import TokenIds, stage2_example
-from coma_jax.eval.retrieval import mean_cosine, precision_at_1
+from coma_jax.data.loaders import open_builder, stage1_loader
+from coma_jax.data.pipeline import to_global
+from coma_jax.eval.embedder import Embedder
+from coma_jax.eval.mmeb_scores import mean_cosine, score_dataset
 from coma_jax.model.inputs import BATCH_AXIS
 from coma_jax.parallel.activations import under_rules
 from coma_jax.parallel.rules import batch_sharding
-from coma_jax.data.pipeline import to_global
-from coma_jax.training.stage2 import embed_side
 from coma_jax.training.stage1 import make_stage1_eval
+from coma_jax.training.workdir import embedding_metadata
 
-log = logging.getLogger('coma_jax.train')
 
 
 def _sharding_for(run):
@@ -66,6 +62,7 @@ class Stage1Validation:
 
 
 class Stage2Validation:
+  """Embeds through `Embedder`, the evaluation's own code path, with the training state's weights."""
   metric, higher_is_better = 'p_at_1', True
 
   def __init__(self, run):
@@ -77,12 +74,7 @@ class Stage2Validation:
     sources = builder.as_data_source()
     self.datasets = {names.get(s, s): [sources[s][i] for i in range(min(len(sources[s]), c.validation.max_examples))]
                      for s in sorted(sources)}
-    self.settings = sequence_settings(parse_buckets([tuple(b) for b in c.data.buckets]), c.data.examples_per_group,
-                                      **run.sequence_kw())
-    self.ids = TokenIds.of(run.tokenizer, c.model.num_compression_tokens)
-    graphdef = run.setup.graphdef
-    self.embed = jax.jit(under_rules(lambda p, f, side: embed_side(nnx.merge(graphdef, p, f), side, None),
-                                     run.mesh, run.rules))
+    self.embedder = None  # made at the first call, from the weights it gets
 
   def _side(self, text, path) -> Side:
     text = check_text(text, 'eval', 'text')
@@ -91,41 +83,23 @@ class Stage2Validation:
       path = os.path.join(self.image_root, path)
     return Side(text, path or None)
 
-  def _embed_all(self, state, sides: list[Side]) -> np.ndarray:
-    run, c = self.run, self.run.config
-    cfg, rows = run.model_config, c.data.global_batch
-    slots = lambda grids: example_slots(grids, cfg)
-    out = np.zeros((len(sides), cfg.text.hidden_size), np.float32)
-    buckets = parse_buckets([tuple(b) for b in c.data.buckets])
-    for start in range(0, len(sides), rows):
-      examples = []
-      for i, side in enumerate(sides[start:start + rows]):
-        try:
-          examples.append(stage2_example(side, f'eval/{start + i}', run.tokenizer, self.ids, self.settings, slots))
-        except BadRecord as e:
-          log.warning('validation: %s', e)
-          examples.append(None)
-      examples += [None] * (rows - len(examples))
-      bucket = pick_bucket(buckets, needs_of(examples, cfg, c.data.examples_per_group))
-      batch = collate(examples, cfg, bucket, c.data.examples_per_group, c.model.num_compression_tokens)
-      side_arrays = {k: batch[k] for k in ('inputs', 'compression_positions', 'example_valid')}
-      reps = np.asarray(jax.device_get(self.embed(state.params, state.frozen, to_global(side_arrays, _sharding_for(run)))))
-      n = min(rows, len(sides) - start)
-      out[start:start + n] = reps[:n]
-    return out
-
   def __call__(self, state) -> dict:
+    run, c = self.run, self.run.config
+    model = nnx.merge(run.setup.graphdef, state.params, state.frozen)
+    if self.embedder is None:
+      self.embedder = Embedder(model, run.tokenizer, embedding_metadata(c, run.first_compression_id))
+    weights = nnx.state(model)
     scores, spreads = {}, []
     for name, records in self.datasets.items():
       queries = [self._side(r['qry_text'], r['qry_img_path']) for r in records]
       cands = [[self._side(t, p) for t, p in zip(r['tgt_text'], r['tgt_img_path'])] for r in records]
-      flat = queries + [s for cs in cands for s in cs]
-      reps = self._embed_all(state, flat)
+      reps = self.embedder.encode_sides(queries + [s for cs in cands for s in cs], c.data.global_batch,
+                                        state=weights)
       q, rest, grouped = reps[:len(queries)], reps[len(queries):], []
       for cs in cands:
         grouped.append(rest[:len(cs)])
         rest = rest[len(cs):]
-      scores[name] = precision_at_1(q, grouped)
+      scores[name] = score_dataset(q, grouped, 'reference')['p_at_1']  # as the evaluation scores it
       spreads.append(mean_cosine(q))
     out = {'p_at_1': float(np.mean(list(scores.values()))), 'mean_cosine': float(np.nanmean(spreads))}
     out.update({f'p_at_1/{name}': v for name, v in scores.items()})

@@ -23,11 +23,11 @@ from flax import nnx
 
 from coma_jax.data.sequences import STAGE1_INSTRUCTION
 from coma_jax.model.config import ModelConfig
-from coma_jax.model.lora import apply_adapters, merge_adapters
+from coma_jax.model.lora import apply_adapters
 from coma_jax.model.qwen2_5_vl import Qwen25VL
 from coma_jax.parallel.rules import head_units, state_shardings
 from coma_jax.training import from_config
-from coma_jax.training.checkpoint import Checkpoints
+from coma_jax.training.checkpoint import Checkpoints, abstract_like
 
 
 def _write_json(path: str, obj) -> None:
@@ -106,9 +106,8 @@ def check_same_base(workdir: str, base: dict) -> None:
 
 def restore_base(workdir: str, frozen_like):
   """The frozen weights saved when this run started, into the shardings of `frozen_like`."""
-  like = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), frozen_like)
   with ocp.StandardCheckpointer() as ckptr:
-    return ckptr.restore(os.path.join(os.path.abspath(workdir), 'base'), like)
+    return ckptr.restore(os.path.join(os.path.abspath(workdir), 'base'), abstract_like(frozen_like))
 
 
 def save_base(workdir: str, frozen) -> None:
@@ -126,23 +125,6 @@ def param_sharding_fn(model_config: ModelConfig, options: dict, mesh, rules):
   shardings = state_shardings(nnx.state(abstract), rules, mesh, units=head_units(model_config))
   flat = {tuple(str(k) for k in path): var.value for path, var in nnx.to_flat_state(shardings)}
   return lambda path, shape: flat[tuple(str(k) for k in path)]
-
-
-def model_structure(c, model_config: ModelConfig, options: dict, merge: bool = False, then=None):
-  """A function building a run's model (with its adapters; merged, and `then`'s adapters added,
-  for the next stage), for nnx.eval_shape."""
-  adapters = from_config.adapter_config(c)
-
-  def make():
-    model = Qwen25VL(model_config, rngs=nnx.Rngs(0), **options)
-    if adapters is not None:
-      apply_adapters(model, adapters, nnx.Rngs(1))
-    if merge:
-      merge_adapters(model)
-    if then is not None:
-      apply_adapters(model, then, nnx.Rngs(2))
-    return model
-  return make
 
 
 def read_model_config(workdir: str) -> ModelConfig:
@@ -168,9 +150,7 @@ def load_model(workdir: str, *, step: int | None = None, best: bool = False, mes
   parameters from the checkpoint over the frozen base; adapters as trained (not merged)."""
   c = read_config(workdir)
   model_config = read_model_config(workdir)
-  options = model_options or dict(dtype=from_config.DTYPES[c.model.dtype], param_dtype=jnp.float32,
-                                  scan_layers=c.model.scan_layers, remat=c.model.remat,
-                                  attention_impl=c.model.attention)
+  options = model_options or from_config.model_options(c)
   if mesh is None:
     from coma_jax.parallel.mesh import make_mesh
     mesh = make_mesh((-1, 1, 1))
@@ -197,7 +177,7 @@ def load_model(workdir: str, *, step: int | None = None, best: bool = False, mes
       apply_adapters(model, adapters, nnx.Rngs(1))
     graphdef, params, frozen = nnx.split(model, from_config.trainable_config(c).filter(), ...)
   elif base['kind'] == 'saved':
-    graphdef, params, frozen = nnx.split(nnx.eval_shape(model_structure(c, model_config, options)),
+    graphdef, params, frozen = nnx.split(nnx.eval_shape(from_config.model_factory(c, model_config, options=options)),
                                          from_config.trainable_config(c).filter(), ...)
     frozen_like = _as_structs(frozen, state_shardings(frozen, rules, mesh, units=units))
     with ocp.StandardCheckpointer() as ckptr:
