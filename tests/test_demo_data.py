@@ -5,6 +5,7 @@ import time
 import pytest
 
 from coma_jax.data.demo import DemoMismatch, build_demo_data
+from coma_jax.data.demo_records import TASKS
 from coma_jax.data.loaders import open_builder, stage1_loader, stage2_loader
 from coma_jax.data.tokenizer import QwenTokenizer
 from tests.data_fixtures import SMALL_IMAGES, model_config
@@ -19,9 +20,8 @@ def splits(data_dir, name):
 def test_three_datasets_of_smoke_sizes_without_bad_records(demo_data_dir):
   stage1 = splits(demo_data_dir, 'stage1_qa')
   assert set(stage1) == {'train', 'validation'} and stage1['train'] >= 16 and stage1['validation'] >= 8
-  mmeb_train = splits(demo_data_dir, 'mmeb_train')
-  assert len(mmeb_train) == 3 and min(mmeb_train.values()) >= 16
-  assert len(splits(demo_data_dir, 'mmeb_eval')) >= 2
+  assert set(splits(demo_data_dir, 'mmeb_train')) == set(splits(demo_data_dir, 'mmeb_eval')) == set(TASKS)
+  assert min(splits(demo_data_dir, 'mmeb_train').values()) >= 8
   for name in DATASETS:
     bad = open_builder(demo_data_dir, name).info.metadata['bad_records']
     assert bad['skipped'] == 0 and bad['records'] == bad['kept'] > 0, (name, bad)

@@ -13,6 +13,7 @@ from PIL import Image
 
 import coma_jax
 from coma_jax import evaluate
+from coma_jax.data.demo_records import TASKS as DEMO_TASKS
 
 
 @pytest.fixture(scope='module')
@@ -52,10 +53,10 @@ def test_evaluate_published_layout_and_tfds_agree(stage2_run, demo_data_dir, tmp
   assert evaluate.main(['--model', str(stage2_run), '--mmeb_dir', demo_data_dir, '--out', str(tmp_path / 'b')]) == 0
   a, b = (json.load(open(tmp_path / d / 'report.json')) for d in 'ab')
   scores = lambda r: {n: d['p_at_1'] for n, d in r['aggregate']['datasets'].items()}
-  assert scores(a) == scores(b) and set(scores(a)) == {'ImageNet-1K', 'MSCOCO_t2i'}
+  assert scores(a) == scores(b) and set(scores(a)) == set(DEMO_TASKS)
   assert all(0 <= v <= 1 for v in scores(a).values())
   overall = a['aggregate']['overall']
-  assert overall['mean'] is None and len(overall['missing']) == 34  # never averaged over a subset
+  assert overall['mean'] is None and len(overall['missing']) == 36  # never averaged over a subset
   assert (tmp_path / 'a' / 'report.md').exists() and (tmp_path / 'a' / 'report.png').stat().st_size > 1000
 
 
@@ -63,9 +64,9 @@ def test_candidate_lists_of_different_lengths(stage2_run, demo_data_dir, tmp_pat
   raw = os.path.join(demo_data_dir, 'mmeb_eval_raw')
   mmeb = tmp_path / 'mmeb'
   shutil.copytree(raw, mmeb)
-  image = next(p for p in os.listdir(mmeb / 'images' / 'ImageNet-1K'))
+  image = next(p for p in os.listdir(mmeb / 'images' / 'ShapeColour'))
   rows = [{'qry_text': '<|image_1|>\nRepresent the given image for classification',
-           'qry_img_path': f'ImageNet-1K/{image}', 'tgt_text': ['cat', 'dog', 'cup', 'rocket'][:n],
+           'qry_img_path': f'ShapeColour/{image}', 'tgt_text': ['cat', 'dog', 'cup', 'rocket'][:n],
            'tgt_img_path': [''] * n} for n in (2, 3, 4)]
   (mmeb / 'VOC2007').mkdir()
   pq.write_table(pa.Table.from_pylist(rows), str(mmeb / 'VOC2007' / 'test.parquet'))
@@ -80,15 +81,15 @@ def test_candidate_lists_of_different_lengths(stage2_run, demo_data_dir, tmp_pat
 def test_a_bad_eval_row_is_an_error_naming_it(stage2_run, demo_data_dir, tmp_path, capsys):
   raw = os.path.join(demo_data_dir, 'mmeb_eval_raw')
   bad = tmp_path / 'mmeb'
-  shutil.copytree(os.path.join(raw, 'ImageNet-1K'), bad / 'ImageNet-1K')
-  table = pq.read_table(next((bad / 'ImageNet-1K').glob('*.parquet'))).to_pylist()
-  table[3]['qry_img_path'] = 'ImageNet-1K/nowhere.jpg'
-  for f in (bad / 'ImageNet-1K').glob('*.parquet'):
+  shutil.copytree(os.path.join(raw, 'ShapeColour'), bad / 'ShapeColour')
+  table = pq.read_table(next((bad / 'ShapeColour').glob('*.parquet'))).to_pylist()
+  table[3]['qry_img_path'] = 'ShapeColour/nowhere.jpg'
+  for f in (bad / 'ShapeColour').glob('*.parquet'):
     f.unlink()
-  pq.write_table(pa.Table.from_pylist(table), str(bad / 'ImageNet-1K' / 'test.parquet'))
+  pq.write_table(pa.Table.from_pylist(table), str(bad / 'ShapeColour' / 'test.parquet'))
   assert evaluate.main(['--model', str(stage2_run), '--mmeb_dir', str(bad), '--image_root',
                         os.path.join(raw, 'images'), '--out', str(tmp_path / 'out')]) == 1
-  assert 'ImageNet-1K, row 3: missing image' in capsys.readouterr().err
+  assert 'ShapeColour, row 3: missing image' in capsys.readouterr().err
 
 
 def test_bulk_embedding_resumes_to_identical_files(stage2_run, tmp_path, monkeypatch):

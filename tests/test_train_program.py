@@ -91,7 +91,7 @@ def test_the_workdir_and_its_metrics(uninterrupted):
 
 def test_stage2_starts_from_the_stage1_workdir(stage2_run):
   validation = by_step(records(stage2_run), 'validation')
-  assert 0 <= validation[2]['p_at_1'] <= 1 and 'p_at_1/MSCOCO_t2i' in validation[2]
+  assert 0 <= validation[2]['p_at_1'] <= 1 and 'p_at_1/SceneCaption_t2i' in validation[2]
 
 
 def test_a_workdir_restores_onto_another_mesh(uninterrupted):

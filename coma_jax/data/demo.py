@@ -3,10 +3,13 @@
 
   python -m coma_jax.data.demo --out DIR [--size smoke|full] [--seed N] [--overwrite]
 
+The content is learnable: drawn scenes of coloured shapes and crops of real photos, with
+captions, questions and labels computed from the pixels (demo_scenes, demo_records).
 DIR/raw/ holds the stage-1 JSONL and the MMEB-train subsets with their images;
-DIR/mmeb_eval_raw/ is MMEB-eval in its published layout (a parquet per dataset, images/).
-The raw files are deterministic by size and seed, so a rerun reuses the built datasets.
-`--size smoke` builds in seconds (the tests share it); `full` has a few thousand records.
+DIR/mmeb_eval_raw/ is the held-out eval set in MMEB-eval's published layout (a parquet per
+dataset, images/) with task_table.json (dataset -> meta_task, chance) for `evaluate --task_table`.
+The raw files are deterministic by size and seed, and a rerun reuses them and the built datasets.
+`--size smoke` builds in seconds (the tests share it); `full` is what `make demo` trains on.
 """
 from __future__ import annotations
 
@@ -18,25 +21,25 @@ import os
 import shutil
 import sys
 
-from coma_jax.data import demo_data
+import numpy as np
+
+from coma_jax.data import demo_records
 
 
 @dataclasses.dataclass(frozen=True)
 class DemoSize:
   stage1_train: int
   stage1_validation: int
-  mmeb_train_scale: int  # MMEB-train subsets hold 24, 16 and 20 pairs times this
-  eval_queries: int  # per MMEB-eval dataset, 5 candidates each
-  photos: int  # distinct photos per image folder
-  image_sizes: tuple[int, int]  # width and height in [low, high) pixels
+  pairs_per_task: int  # MMEB-train pairs of each of the seven tasks
+  eval_queries: int  # per eval dataset
+  two_images_every: int = 0  # stage-1 records showing two scenes (the tests' multi-image rows)
 
 
 SIZES = {
-    # Stage-2 smoke configs take global batch 8 in blocks of 4: every subset has two blocks.
-    'smoke': DemoSize(stage1_train=32, stage1_validation=8, mmeb_train_scale=1, eval_queries=8, photos=10,
-                      image_sizes=(60, 200)),
-    'full': DemoSize(stage1_train=2000, stage1_validation=200, mmeb_train_scale=40, eval_queries=200, photos=60,
-                     image_sizes=(60, 420)),
+    # Stage-2 smoke configs take global batch 8 in blocks of 4: every task has two blocks.
+    'smoke': DemoSize(stage1_train=32, stage1_validation=8, pairs_per_task=8, eval_queries=8, two_images_every=7),
+    # What `make demo` trains on (configs/demo.py).
+    'full': DemoSize(stage1_train=6000, stage1_validation=256, pairs_per_task=1500, eval_queries=200),
 }
 STAMP = 'demo.json'  # what the raw files were written for
 
@@ -45,42 +48,51 @@ class DemoMismatch(ValueError):
   """The folder holds demo data of another size or seed."""
 
 
-def _check_stamp(out: str, stamp: dict, overwrite: bool) -> None:
-  """Refuses, before anything is written, to mix demo data of other arguments into `out`."""
+def _check_stamp(out: str, stamp: dict, overwrite: bool) -> bool:
+  """Whether `out` already holds the raw files for `stamp` (the stamp is written last). Refuses,
+  before anything is written, to mix demo data of other arguments into `out`."""
   path = os.path.join(out, 'raw', STAMP)
   if not os.path.exists(path):
-    return
+    return False
   with open(path) as f:
     built = json.load(f)
   if built == stamp:
-    return
+    return True
   if not overwrite:
     raise DemoMismatch(f'{out} holds demo data for {built}, not {stamp}; write another folder, or replace '
                        'it with overwrite=True (--overwrite)')
   for folder in ('raw', 'mmeb_eval_raw'):  # stale images of a larger size must not linger
     shutil.rmtree(os.path.join(out, folder), ignore_errors=True)
+  return False
+
+
+def raw_inputs(out: str) -> dict:
+  """Where the raw files of the three datasets are: the build inputs."""
+  stage1 = os.path.join(out, 'raw', 'stage1')
+  mmeb_train, eval_raw = os.path.join(out, 'raw', 'mmeb_train'), os.path.join(out, 'mmeb_eval_raw')
+  return {
+      'stage1_qa': dict(inputs=[os.path.join(stage1, 'train.jsonl')],
+                        validation_inputs=[os.path.join(stage1, 'validation.jsonl')],
+                        image_root=os.path.join(stage1, 'images')),
+      'mmeb_train': dict(input_dir=os.path.join(mmeb_train, 'subsets'), image_root=os.path.join(mmeb_train, 'images')),
+      'mmeb_eval': dict(input_dir=eval_raw, image_root=os.path.join(eval_raw, 'images')),
+  }
 
 
 def write_raw(out: str, size: DemoSize, seed: int) -> dict:
-  """The raw files of the three datasets; returns the build inputs."""
-  stage1 = os.path.join(out, 'raw', 'stage1')
-  images = os.path.join(stage1, 'images')
-  os.makedirs(images, exist_ok=True)
-  photos = demo_data.write_photos(images, size.photos, seed=seed, sizes=size.image_sizes)
-  # Distinct record streams for the two splits over the same photos.
-  train = demo_data.write_qa_jsonl(os.path.join(stage1, 'train.jsonl'), photos, size.stage1_train,
-                                   seed=seed, prefix='train')
-  validation = demo_data.write_qa_jsonl(os.path.join(stage1, 'validation.jsonl'), photos, size.stage1_validation,
-                                        seed=seed + 1, prefix='validation')
-  mmeb_train = os.path.join(out, 'raw', 'mmeb_train')
-  subsets = demo_data.write_mmeb_train(mmeb_train, seed=seed, sizes=size.image_sizes, scale=size.mmeb_train_scale)
-  eval_raw = demo_data.write_mmeb_eval(os.path.join(out, 'mmeb_eval_raw'), seed=seed, sizes=size.image_sizes,
-                                       queries=size.eval_queries, photo_count=size.photos)
-  return {
-      'stage1_qa': dict(inputs=[train], validation_inputs=[validation], image_root=images),
-      'mmeb_train': dict(input_dir=subsets, image_root=os.path.join(mmeb_train, 'images')),
-      'mmeb_eval': dict(input_dir=eval_raw, image_root=os.path.join(eval_raw, 'images')),
-  }
+  """Writes the raw files of the three datasets (see demo_records); returns the build inputs."""
+  inputs = raw_inputs(out)
+  s1 = inputs['stage1_qa']
+  for k, (path, n) in enumerate(((s1['inputs'][0], size.stage1_train),
+                                 (s1['validation_inputs'][0], size.stage1_validation))):
+    split = ('train', 'validation')[k]
+    rng = np.random.default_rng([seed, 1, k])  # distinct images and questions per split
+    rows = demo_records.stage1_records(n, rng, demo_records.ImageWriter(s1['image_root'], split), prefix=split,
+                                        two_images_every=size.two_images_every)
+    demo_records.write_jsonl(path, rows)
+  demo_records.write_mmeb_train(os.path.dirname(inputs['mmeb_train']['input_dir']), size.pairs_per_task, seed)
+  demo_records.write_mmeb_eval(inputs['mmeb_eval']['input_dir'], size.eval_queries, seed)
+  return inputs
 
 
 def build_demo_data(out: str, size: str = 'smoke', seed: int = 0, overwrite: bool = False) -> dict:
@@ -91,12 +103,15 @@ def build_demo_data(out: str, size: str = 'smoke', seed: int = 0, overwrite: boo
   if size not in SIZES:
     raise ValueError(f'size must be one of {sorted(SIZES)}, not {size!r}')
   stamp = {'size': size, 'seed': seed}
-  _check_stamp(out, stamp, overwrite)
-  inputs = write_raw(out, SIZES[size], seed)
-  with open(os.path.join(out, 'raw', STAMP), 'w') as f:
-    json.dump(stamp, f)
+  if _check_stamp(out, stamp, overwrite):
+    inputs = raw_inputs(out)
+  else:
+    inputs = write_raw(out, SIZES[size], seed)
+    with open(os.path.join(out, 'raw', STAMP), 'w') as f:
+      json.dump(stamp, f)
   paths = {'data_dir': out, 'raw': os.path.join(out, 'raw'), 'mmeb_eval_raw': inputs['mmeb_eval']['input_dir'],
-           'mmeb_eval_images': inputs['mmeb_eval']['image_root']}
+           'mmeb_eval_images': inputs['mmeb_eval']['image_root'],
+           'task_table': os.path.join(inputs['mmeb_eval']['input_dir'], demo_records.TASK_TABLE)}
   for kind, kw in inputs.items():
     paths[kind] = build_tfds.build(kind, out, overwrite=overwrite, **kw).data_dir
   return paths

@@ -106,6 +106,8 @@ def check_same_base(workdir: str, base: dict) -> None:
 
 def restore_base(workdir: str, frozen_like):
   """The frozen weights saved when this run started, into the shardings of `frozen_like`."""
+  if not jax.tree.leaves(frozen_like):  # everything trains (trainable.full): no base was saved
+    return frozen_like
   with ocp.StandardCheckpointer() as ckptr:
     return ckptr.restore(os.path.join(os.path.abspath(workdir), 'base'), abstract_like(frozen_like))
 
@@ -113,7 +115,7 @@ def restore_base(workdir: str, frozen_like):
 def save_base(workdir: str, frozen) -> None:
   """The frozen weights (random init, or merged from an earlier stage), once per run."""
   path = os.path.join(os.path.abspath(workdir), 'base')
-  if os.path.isdir(path):
+  if os.path.isdir(path) or not jax.tree.leaves(frozen):  # nothing frozen: the checkpoints hold it all
     return
   with ocp.StandardCheckpointer() as ckptr:
     ckptr.save(path, frozen)
@@ -179,9 +181,7 @@ def load_model(workdir: str, *, step: int | None = None, best: bool = False, mes
   elif base['kind'] == 'saved':
     graphdef, params, frozen = nnx.split(nnx.eval_shape(from_config.model_factory(c, model_config, options=options)),
                                          from_config.trainable_config(c).filter(), ...)
-    frozen_like = _as_structs(frozen, state_shardings(frozen, rules, mesh, units=units))
-    with ocp.StandardCheckpointer() as ckptr:
-      frozen = ckptr.restore(os.path.join(os.path.abspath(workdir), 'base'), frozen_like)
+    frozen = restore_base(workdir, _as_structs(frozen, state_shardings(frozen, rules, mesh, units=units)))
   else:
     raise ValueError(f'{workdir}/base.json: unknown kind {base["kind"]!r}')
   params_like = _as_structs(params, state_shardings(params, rules, mesh, units=units))

@@ -1,0 +1,49 @@
+"""`make demo`: the whole method on the learnable demo data (`python -m coma_jax.data.demo --size full`),
+trained from scratch on 2 CPU cores in minutes.
+
+A tiny random model (hf_configs/qwen2_5_vl_demo.json: the real vocabulary and vision geometry,
+hidden 128, 4 LLM and 2 vision layers) cannot learn through a frozen random vision tower and a
+small adapter, so the demo trains every weight, in fp32, on 112 px images, with fixed step counts.
+
+  python -m coma_jax.train --config configs/demo.py:stage1 --config.data.data_dir=DATA --workdir RUN1
+  python -m coma_jax.train --config configs/demo.py:stage2 --config.data.data_dir=DATA \
+      --config.init_from=RUN1 --workdir RUN2
+"""
+import os
+
+from configs import base
+
+IMAGE_PIXELS = 112 * 112  # every demo image is resized to about 112 x 112: 64 patches, 16 tokens
+
+
+def get_config(variant: str = 'stage1'):
+  c = base.get_config(variant)
+  c.model.init = 'random'
+  c.model.hf_config = os.path.join(os.path.dirname(__file__), '..', 'coma_jax', 'model', 'hf_configs',
+                                   'qwen2_5_vl_demo.json')
+  c.model.num_compression_tokens = 8
+  c.model.dtype = c.model.frozen_dtype = 'float32'
+  c.model.remat = 'none'  # small activations; recomputation would only cost time
+  c.adapter.kind = 'none'
+  c.trainable.full = True
+  c.optim.learning_rate = 3e-4  # 1e-3 collapsed the contrastive loss to ln(batch) in a prototype
+  c.optim.warmup_ratio = 0.1
+  c.data.global_batch = 32
+  c.data.num_workers = 1
+  c.data.min_pixels = c.data.max_pixels = IMAGE_PIXELS
+  c.checkpoint.every = 100
+  c.checkpoint.keep = 1
+  if variant == 'stage1':
+    c.train.steps = 300
+    c.data.buckets = ((128, 64, 12),)  # one image, up to three short answers
+    c.stage1.micro_batches = 1
+    c.validation.every = 100
+    c.validation.max_examples = 256
+  else:
+    c.train.steps = 600
+    c.data.buckets = ((64, 64, 0),)
+    c.data.block_size = 8  # four tasks per step
+    c.data.subset_caps = ''
+    c.stage2.chunks = 1
+    c.validation.every = 0  # the eval set is held out for `evaluate`; no best-by-eval selection
+  return c
