@@ -27,8 +27,9 @@ def get_config(variant: str = 'stage1'):
   c.validation.every = 5
   c.validation.max_examples = 16
   if variant == 'stage1':
-    # One image, two images; 8 label slots cut the longer dialogues (counted truncations).
-    c.data.buckets = ((256, 256, 8), (256, 512, 8))
+    # One image, two images (the demo's 112 px images: 64 patches each); 6 label slots cut the
+    # longer dialogues (counted truncations).
+    c.data.buckets = ((256, 64, 6), (256, 128, 6))
     c.stage1.micro_batches = 2
   else:
     c.data.buckets = ((128, 512, 0),)

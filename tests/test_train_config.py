@@ -12,9 +12,9 @@ from coma_jax.training.config_checks import ConfigError, check_config
 from coma_jax.training.run import build_run
 from coma_jax.training.validation import make_validation
 from coma_jax.training.workdir import checkpoints_of
-from configs import coma_3b, coma_7b, tiny
+from configs import coma_3b, coma_7b, demo, tiny
 
-SHIPPED = [(module, variant) for module in (tiny, coma_3b, coma_7b) for variant in ('stage1', 'stage2')]
+SHIPPED = [(module, variant) for module in (tiny, demo, coma_3b, coma_7b) for variant in ('stage1', 'stage2')]
 
 
 class Recorder:
