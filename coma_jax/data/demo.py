@@ -42,6 +42,7 @@ SIZES = {
     'full': DemoSize(stage1_train=6000, stage1_validation=256, pairs_per_task=1500, eval_queries=200),
 }
 STAMP = 'demo.json'  # what the raw files were written for
+CONTENT_VERSION = 2  # bump when the generated content changes: older folders are then refused
 
 
 class DemoMismatch(ValueError):
@@ -102,7 +103,7 @@ def build_demo_data(out: str, size: str = 'smoke', seed: int = 0, overwrite: boo
   from coma_jax.data import build_tfds
   if size not in SIZES:
     raise ValueError(f'size must be one of {sorted(SIZES)}, not {size!r}')
-  stamp = {'size': size, 'seed': seed}
+  stamp = {'size': size, 'seed': seed, 'version': CONTENT_VERSION}
   if _check_stamp(out, stamp, overwrite):
     inputs = raw_inputs(out)
   else:
