@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import platform
 import subprocess
 import sys
 import time
@@ -55,9 +56,24 @@ def _records(workdir: str) -> list[dict]:
   return out
 
 
+def machine() -> str:
+  """The cores this process may use and the CPU model: the demo's timings depend on them."""
+  cores = len(os.sched_getaffinity(0)) if hasattr(os, 'sched_getaffinity') else os.cpu_count()
+  model = platform.processor() or platform.machine()
+  if os.path.exists('/proc/cpuinfo'):
+    names = [line.split(':', 1)[1].strip() for line in open('/proc/cpuinfo') if line.startswith('model name')]
+    model = names[0] if names else model
+  return f'{cores} CPU cores ({model})'
+
+
+def _show(text: str) -> str:
+  """Paths under the current folder, shown relative to it (shorter, and what a user would type)."""
+  return text.replace(os.path.join(os.getcwd(), ''), '')
+
+
 def _run(name: str, cmd: list[str], log_path: str, workdir: str | None = None, total: int | None = None) -> None:
   """Runs one stage's command with its output in log_path, printing progress from its metrics."""
-  print(f'  $ {" ".join(cmd[1:])}\n    log: {log_path}', flush=True)
+  print(f'  $ python {_show(" ".join(cmd[1:]))}\n    log: {_show(log_path)}', flush=True)
   env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [ROOT, os.environ.get('PYTHONPATH')])))
   with open(log_path, 'a') as log:
     proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
@@ -83,7 +99,7 @@ def _train(stage: str, workdir: str, data_dir: str, extra: list[str], times: dic
          f'--config.data.data_dir={data_dir}'] + ([f'--config.init_from={init_from}'] if init_from else []) + extra
   latest, total = _latest_step(workdir), _steps_of(stage, extra)
   if latest is not None and latest >= total:
-    print(f'{stage}: finished ({latest} steps) in {workdir}; skipped')
+    print(f'{stage}: finished ({latest} steps) in {_show(workdir)}; skipped')
     return
   print(f'{stage}: ' + (f'resuming from step {latest} of {total}' if latest else f'training {total} steps'), flush=True)
   os.makedirs(workdir, exist_ok=True)
@@ -112,7 +128,7 @@ def _evaluate(model: str, data: dict, out: str, times: dict) -> None:
   report = os.path.join(out, 'report.json')
   latest = os.path.join(model, 'checkpoints')
   if os.path.isfile(report) and os.path.getmtime(report) > os.path.getmtime(latest):
-    print(f'evaluate: {report} is newer than the stage-2 checkpoints; skipped')
+    print(f'evaluate: {_show(report)} is newer than the stage-2 checkpoints; skipped')
     return
   os.makedirs(out, exist_ok=True)
   cmd = [sys.executable, '-m', 'coma_jax.evaluate', '--model', model, '--mmeb_dir', data['mmeb_eval_raw'],
@@ -184,8 +200,11 @@ def main(argv=None) -> int:
     print(f'data: building the demo data ({args.size}, seed {args.seed})', flush=True)
     start = time.monotonic()
     data = build_demo_data(os.path.abspath(args.data_dir or os.path.join(work, 'data')), args.size, args.seed)
-    times['data'] = round(time.monotonic() - start, 1)
-    print(f'data: {data["data_dir"]} ({times["data"]} s)', flush=True)
+    if data['reused_raw'] and 'data' in times:
+      print(f'data: {_show(data["data_dir"])} (built before; reused)', flush=True)
+    else:
+      times['data'] = round(time.monotonic() - start, 1)
+      print(f'data: {_show(data["data_dir"])} ({times["data"]} s)', flush=True)
     _train('stage1', stage1, data['data_dir'], extra, times)
     _train('stage2', stage2, data['data_dir'], extra, times, init_from=stage1)
     _evaluate(stage2, data, report_dir, times)
@@ -197,14 +216,14 @@ def main(argv=None) -> int:
       json.dump(times, f, indent=1)
   report = json.load(open(os.path.join(report_dir, 'report.json')))
   print('\nHeld-out evaluation (Precision@1; chance = 1 / candidates):\n' + table(report))
-  print('\nWall time: ' + ', '.join(f'{k} {v:.0f} s' for k, v in times.items()))
+  print(f'\nWall time on {machine()}: ' + ', '.join(f'{k} {v:.0f} s' for k, v in times.items()))
   falls = {stage: loss_fell(d) for stage, d in (('stage 1', stage1), ('stage 2', stage2))}
   print('Training loss (mean of the first and last 10 steps): '
         + '; '.join(f'{s} {a:.3f} -> {b:.3f}' for s, (a, b) in falls.items()))
-  print(f'\nArtefacts:\n  data:        {data["data_dir"]}\n'
-        f'  stage 1:     {stage1} (checkpoints/, metrics.jsonl, tensorboard/, plots/, train.log)\n'
-        f'  stage 2:     {stage2} (the embedding model: coma_jax.Embedder.load(...))\n'
-        f'  report:      {report_dir} (report.md, report.json, report.png)')
+  print(_show(f'\nArtefacts:\n  data:     {data["data_dir"]} (built datasets; raw/ and mmeb_eval_raw/ hold the files)\n'
+              f'  stage 1:  {stage1} (checkpoints/, metrics.jsonl, tensorboard/, plots/, train.log)\n'
+              f'  stage 2:  {stage2} (the same, and the embedding model: coma_jax.Embedder.load)\n'
+              f'  report:   {report_dir} (report.md, report.json, report.png, evaluate.log)'))
   if args.size != 'full':
     print('\n(smoke size: too little training to check what was learned)')
     return 0

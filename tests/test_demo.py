@@ -21,7 +21,7 @@ def test_the_demo_chain_runs_resumes_and_reports(demo_data_dir, tmp_path, monkey
   out = capsys.readouterr().out
   for task in TASKS:  # every held-out task beside its chance level
     assert f'| {task} |' in out
-  assert '| **overall** (mean) |' in out and 'Wall time: data' in out and 'stage1' in out and 'evaluate' in out
+  assert '| **overall** (mean) |' in out and 'Wall time on ' in out and 'stage1' in out and 'evaluate' in out
   for stage in ('stage1', 'stage2'):
     assert os.path.isdir(work / stage / 'checkpoints' / '2'), stage
     assert (work / stage / 'train.log').stat().st_size > 0

@@ -98,13 +98,14 @@ def write_raw(out: str, size: DemoSize, seed: int) -> dict:
 
 def build_demo_data(out: str, size: str = 'smoke', seed: int = 0, overwrite: bool = False) -> dict:
   """Writes the raw files and builds the datasets into `out` (reused when built from the same
-  size and seed). Returns the paths: data_dir, raw, mmeb_eval_raw, mmeb_eval_images, and each
-  dataset's built version folder."""
+  size and seed). Returns the paths: data_dir, raw, mmeb_eval_raw, mmeb_eval_images, task_table,
+  each dataset's built version folder, and reused_raw (whether the raw files were already there)."""
   from coma_jax.data import build_tfds
   if size not in SIZES:
     raise ValueError(f'size must be one of {sorted(SIZES)}, not {size!r}')
   stamp = {'size': size, 'seed': seed, 'version': CONTENT_VERSION}
-  if _check_stamp(out, stamp, overwrite):
+  reused = _check_stamp(out, stamp, overwrite)
+  if reused:
     inputs = raw_inputs(out)
   else:
     inputs = write_raw(out, SIZES[size], seed)
@@ -112,7 +113,8 @@ def build_demo_data(out: str, size: str = 'smoke', seed: int = 0, overwrite: boo
       json.dump(stamp, f)
   paths = {'data_dir': out, 'raw': os.path.join(out, 'raw'), 'mmeb_eval_raw': inputs['mmeb_eval']['input_dir'],
            'mmeb_eval_images': inputs['mmeb_eval']['image_root'],
-           'task_table': os.path.join(inputs['mmeb_eval']['input_dir'], demo_records.TASK_TABLE)}
+           'task_table': os.path.join(inputs['mmeb_eval']['input_dir'], demo_records.TASK_TABLE),
+           'reused_raw': reused}
   for kind, kw in inputs.items():
     paths[kind] = build_tfds.build(kind, out, overwrite=overwrite, **kw).data_dir
   return paths
