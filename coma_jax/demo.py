@@ -35,9 +35,11 @@ class StageFailed(RuntimeError):
 
 
 def _latest_step(workdir: str) -> int | None:
+  import logging
   from coma_jax.training.workdir import checkpoints_of
   if not os.path.isfile(os.path.join(workdir, 'config.json')):
     return None
+  logging.getLogger('absl').setLevel(logging.ERROR)  # orbax warns that a read-only manager is read-only
   ckpts = checkpoints_of(workdir)
   try:
     return ckpts.latest_step()

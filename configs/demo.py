@@ -43,7 +43,8 @@ def get_config(variant: str = 'stage1'):
     c.train.steps = 1100
     c.optim.learning_rate = 3e-4  # 5e-4 learned less; 1e-3 collapsed to ln(batch) in a prototype
     c.data.buckets = ((64, 64, 0),)
-    c.data.block_size = 16  # two tasks per step: 15 same-task negatives (8 learned less)
+    # Two tasks per step (blocks of 16 at batch 32: blocks of 8 learned less); follows a batch override.
+    c.data.block_size = c.data.get_ref('global_batch') // 2
     c.data.subset_caps = ''
     c.stage2.chunks = 1
     c.validation.every = 0  # the eval set is held out for `evaluate`; no best-by-eval selection

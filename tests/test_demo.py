@@ -2,6 +2,7 @@
 newcomer runs it, on the session's smoke demo data; and its learned-or-not verdict."""
 import json
 import os
+import shutil
 import time
 
 import pytest
@@ -9,8 +10,8 @@ import pytest
 from coma_jax import demo
 from coma_jax.data.demo_records import TASKS
 
-SMOKE = ['--config.train.steps=2', '--config.data.global_batch=8', '--config.data.num_workers=0',
-         '--config.checkpoint.every=2', '--config.validation.every=0']
+SMOKE = ['--config.train.steps=3', '--config.data.global_batch=8', '--config.data.num_workers=0',
+         '--config.checkpoint.every=2', '--config.checkpoint.keep=2', '--config.validation.every=0']
 
 
 def test_the_demo_chain_runs_resumes_and_reports(demo_data_dir, tmp_path, monkeypatch, capsys):
@@ -23,7 +24,7 @@ def test_the_demo_chain_runs_resumes_and_reports(demo_data_dir, tmp_path, monkey
     assert f'| {task} |' in out
   assert '| **overall** (mean) |' in out and 'Wall time on ' in out and 'stage1' in out and 'evaluate' in out
   for stage in ('stage1', 'stage2'):
-    assert os.path.isdir(work / stage / 'checkpoints' / '2'), stage
+    assert os.path.isdir(work / stage / 'checkpoints' / '3'), stage
     assert (work / stage / 'train.log').stat().st_size > 0
   assert json.load(open(work / 'stage2' / 'config.json'))['init_from'] == str(work / 'stage1')
   report = json.load(open(work / 'report' / 'report.json'))
@@ -33,11 +34,18 @@ def test_the_demo_chain_runs_resumes_and_reports(demo_data_dir, tmp_path, monkey
   times = json.load(open(work / demo.TIMES))
   assert set(times) == {'data', 'stage1', 'stage2', 'evaluate'}
 
+  shutil.rmtree(work / 'stage2' / 'checkpoints' / '3')  # as if killed after step 2
+  assert demo.main(args) == 0
+  out = capsys.readouterr().out
+  assert 'stage1: finished (3 steps)' in out and 'stage2: resuming from step 2 of 3' in out
+  assert os.path.isdir(work / 'stage2' / 'checkpoints' / '3') and 'evaluate: ' not in out  # evaluated again
+  times = json.load(open(work / demo.TIMES))
+
   start = time.monotonic()  # a rerun skips every finished stage
   assert demo.main(args) == 0
   out = capsys.readouterr().out
-  assert out.count('; skipped') == 3 and time.monotonic() - start < 60
-  assert json.load(open(work / demo.TIMES))['stage2'] == times['stage2']  # the times of the run that trained
+  assert out.count('; skipped') == 3 and 'built before; reused' in out and time.monotonic() - start < 60
+  assert json.load(open(work / demo.TIMES)) == times  # the times of the runs that did the work
 
 
 def _report(**p_at_1):
