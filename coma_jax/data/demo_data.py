@@ -1,7 +1,7 @@
-"""Synthetic raw datasets from real photos (shipped with scikit-image), for the demo, the
-benchmarks and the tests: stage-1 QA JSONL and MMEB-train subsets, optionally with one record of
-each bad kind, and MMEB-eval datasets in the published layout. Sizes, modes and dialogue lengths
-vary, as real data does. Everything is deterministic by seed.
+"""Synthetic raw datasets from real photos (shipped with scikit-image), for the benchmarks and the
+data tests: stage-1 QA JSONL and MMEB-train subsets, optionally with one record of each bad kind.
+Sizes, modes and dialogue lengths vary, as real data does; the text does not depend on the image
+(the learnable demo data is demo_scenes / demo_records). Everything is deterministic by seed.
 """
 from __future__ import annotations
 
@@ -13,14 +13,8 @@ import skimage.data
 from PIL import Image
 
 
-# Photo i shows the subject PHOTOS[i % 5].
 PHOTOS = (('astronaut', skimage.data.astronaut), ('coffee', skimage.data.coffee), ('cat', skimage.data.chelsea),
           ('cameraman', skimage.data.camera), ('rocket', skimage.data.rocket))
-EVAL_FILE = 'test-00000-of-00001.parquet'  # one per dataset folder, as MMEB-eval publishes it
-
-
-def photo_subject(index: int) -> str:
-  return PHOTOS[index % len(PHOTOS)][0]
 
 
 def write_photos(root: str, count: int = 12, seed: int = 0, sizes=(60, 420)) -> list[str]:
@@ -63,13 +57,6 @@ def qa_lines(photos: list[str], n: int, rng, prefix: str = 'qa') -> list[str]:
     k = 2 if i % 7 == 3 else 1
     lines.append(json.dumps(qa_record(f'{prefix}{i}', list(rng.choice(photos, k)), int(rng.integers(1, 6)), rng)))
   return lines
-
-
-def write_qa_jsonl(path: str, photos: list[str], n: int, seed: int = 0, prefix: str = 'qa') -> str:
-  """A stage-1 JSONL file of n good records over existing photos (paths relative to their root)."""
-  with open(path, 'w') as f:
-    f.write('\n'.join(qa_lines(photos, n, np.random.default_rng(seed), prefix)) + '\n')
-  return path
 
 
 def write_stage1_jsonl(root: str, n: int = 40, bad: bool = True, seed: int = 0, sizes=(60, 420)) -> str:
@@ -118,33 +105,3 @@ def write_mmeb_train(root: str, seed: int = 0, sizes=(60, 420), scale: int = 1) 
   pq.write_table(pa.Table.from_pylist(coco), os.path.join(raw, 'MSCOCO_t2i', 'original-0.parquet'))
   pq.write_table(pa.Table.from_pylist(okvqa), os.path.join(raw, 'OK-VQA', 'original-0.parquet'))
   return raw
-
-
-def write_mmeb_eval(root: str, seed: int = 0, sizes=(60, 420), queries: int = 8, photo_count: int = 10) -> str:
-  """MMEB-eval as published: `root/<dataset>/EVAL_FILE` and `root/images/<dataset>/`, image paths
-  relative to `root/images`. Two datasets of `queries` queries and 5 candidates (index 0 the
-  positive): ImageNet-1K (image -> its subject among the 5 labels) and MSCOCO_t2i (caption ->
-  the photo of its subject among 4 photos of the others). Returns root."""
-  import pyarrow as pa
-  import pyarrow.parquet as pq
-  labels = [name for name, _ in PHOTOS]
-  # A multiple of 5: photo (i + j) % photos then shows another subject than photo i for j in 1..4.
-  photos = max(len(PHOTOS), photo_count - photo_count % len(PHOTOS))
-  image_tag = '<|image_1|>\nRepresent the given image.'
-  datasets = {}
-  for k, name in enumerate(('ImageNet-1K', 'MSCOCO_t2i')):
-    files = write_photos(os.path.join(root, 'images', name), photos, seed=seed + k, sizes=sizes)
-    datasets[name] = [f'{name}/{f}' for f in files]
-  classify = [{'qry_text': '<|image_1|>\nRepresent the given image for classification',
-               'qry_img_path': datasets['ImageNet-1K'][i % photos], 'tgt_img_path': [''] * len(labels),
-               'tgt_text': [photo_subject(i)] + [photo_subject(i + j) for j in range(1, len(labels))]}
-              for i in range(queries)]
-  caption = 'Find me an everyday image that matches the given caption: a photo of {}.'
-  retrieve = [{'qry_text': caption.format(photo_subject(i)),
-               'qry_img_path': '', 'tgt_text': [image_tag] * len(labels),
-               'tgt_img_path': [datasets['MSCOCO_t2i'][(i + j) % photos] for j in range(len(labels))]}
-              for i in range(queries)]
-  for name, rows in (('ImageNet-1K', classify), ('MSCOCO_t2i', retrieve)):
-    os.makedirs(os.path.join(root, name), exist_ok=True)
-    pq.write_table(pa.Table.from_pylist(rows), os.path.join(root, name, EVAL_FILE))
-  return root
