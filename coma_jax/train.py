@@ -4,6 +4,8 @@
   --profile_steps=A,B        a JAX profiler trace of steps A..B in DIR/profile/
 
 Rerunning the same command resumes from the newest checkpoint in DIR; SIGTERM saves and exits 0.
+Several processes (one per host): the launchers in launch/ set the environment that
+coma_jax/parallel/distributed.py reads; every process runs this same command.
 """
 from __future__ import annotations
 
@@ -21,10 +23,13 @@ def main(argv=None):
   flags.mark_flags_as_required(['config', 'workdir'])
 
   def run(_):
+    from coma_jax.parallel import distributed
     from coma_jax.runtime import enable_compilation_cache
+    logging.basicConfig(level=logging.INFO, format='%(asctime)s %(levelname)s %(name)s: %(message)s')
+    distributed.initialize_from_env()  # several processes (launch/): before anything touches a device
+    distributed.quiet_unless_first()
     from coma_jax.training.loop import train
     enable_compilation_cache()  # a resumed run reuses the compiled steps
-    logging.basicConfig(level=logging.INFO, format='%(asctime)s %(levelname)s %(name)s: %(message)s')
     profile = None
     if flags.FLAGS.profile_steps:
       a, b = (int(x) for x in flags.FLAGS.profile_steps.split(','))

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import signal
 import time
 from typing import Any, Callable, Iterator, Sequence
 
@@ -120,7 +121,8 @@ class GlobalBatchIterator:
     if num_workers > 0:
       _mark_flags_parsed()
       dataset = dataset.mp_prefetch(grain.MultiprocessingOptions(num_workers=num_workers,
-                                                                 per_worker_buffer_size=prefetch))
+                                                                 per_worker_buffer_size=prefetch),
+                                    worker_init_fn=_ignore_sigterm)
     self._it = iter(dataset)
     self._start_time, self._examples = time.perf_counter(), 0
 
@@ -169,6 +171,13 @@ class GlobalBatchIterator:
       log.info('data step %d: %.1f examples/s (this process), %d bad records skipped',
                step, rate, self.bad.total)
     return step, batch, BatchInfo(step, bucket, stats, self.bad.total)
+
+
+def _ignore_sigterm(worker_index: int, worker_count: int) -> None:
+  """In a worker: a SIGTERM to the process group is the training loop's to handle (it saves and
+  closes the loader, which stops the workers). A worker killed mid-write would leave a partial
+  message that hangs the loader's close."""
+  signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
 
 def _mark_flags_parsed() -> None:

@@ -183,21 +183,21 @@ def train(c, workdir: str, profile_steps: tuple[int, int] | None = None, devices
   step = start
   try:
     for step in range(start + 1, c.train.steps + 1):
-      if preemption.requested:
-        save(step - 1)
-        step -= 1
-        break
       if profile_steps and step == profile_steps[0]:
         jax.profiler.start_trace(os.path.join(workdir, 'profile'))
       began = time.perf_counter()
       try:
         data_step, batch, info = next(loader)
       except Exception:
-        if preemption.requested:  # grain's workers took the SIGTERM too
-          save(step - 1)
-          step -= 1
-          break
-        raise
+        if not preemption.requested:
+          raise
+        batch = None  # grain's workers took the SIGTERM too
+      # The stop is agreed after the (local) fetch and before the (collective) step, so every
+      # process reaches this point at every step, whatever its loader did.
+      if preemption.agreed():
+        save(step - 1)
+        step -= 1
+        break
       assert data_step == step - 1, (data_step, step)
       tokens = sum(int(b['inputs'].token_valid.sum()) for b in (batch.values() if run.stage2 else [batch]))
       flops = _flops(run, batch)
