@@ -93,6 +93,8 @@ def main(argv=None) -> int:
   parser.add_argument('--shard_size', type=int, default=4096)
   parser.add_argument('--out', required=True)
   args = parser.parse_args(argv)
+  from coma_jax.parallel.distributed import initialize_from_env
+  initialize_from_env()  # launched on several hosts (launch/): one process each
   import jax
   try:
     items = read_items(args.input, args.image_root)

@@ -83,6 +83,8 @@ def main(argv=None) -> int:
   parser.add_argument('--task_table', default=None, help='JSON: dataset -> {meta_task, chance} for non-MMEB data')
   parser.add_argument('--out', required=True)
   args = parser.parse_args(argv)
+  from coma_jax.parallel.distributed import initialize_from_env
+  initialize_from_env()  # launched on several hosts (launch/): one process each
   from coma_jax.eval.embedder import embedder_from_args
   from coma_jax.eval.mmeb_data import EvalDataError, read_mmeb_eval
   from coma_jax.eval.mmeb_report import write_report

@@ -27,6 +27,8 @@ def main(argv=None) -> int:
                       help="the stored dtype (default: the run's compute dtype)")
   parser.add_argument('--peft', action='store_true', help='DIR/base + DIR/adapter (PEFT) instead of merged weights')
   args = parser.parse_args(argv)
+  from coma_jax.parallel.distributed import initialize_from_env
+  initialize_from_env()  # launched on several hosts (launch/): one process each
   logging.basicConfig(level=logging.WARNING, format='%(levelname)s %(name)s: %(message)s')  # orbax's INFO is noise here
   from coma_jax.hf.export_dir import export
   try:
