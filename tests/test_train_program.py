@@ -19,14 +19,16 @@ def last_step(workdir):
   return max([r['step'] for r in records(workdir) if 'split' not in r], default=0)
 
 
-def interrupt_after(cmd, workdir, step, sig, resumed_from=None, timeout=600):
+def interrupt_after(cmd, workdir, step, sig, resumed_from=None, committed=None, timeout=600):
   """Starts the run in its own process group and sends `sig` to the group once `step` is logged
-  (by this run: when resuming, after it cut metrics.jsonl back to `resumed_from`)."""
+  (by this run: when resuming, after it cut metrics.jsonl back to `resumed_from`) and checkpoint
+  `committed` is complete (saves are asynchronous: a step can be logged before the save before it)."""
   proc = subprocess.Popen(cmd, cwd=ROOT, env=env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
                           start_new_session=True)
   deadline = time.time() + timeout
   waits = ([lambda: last_step(workdir) <= resumed_from] if resumed_from is not None else []) + [
-      lambda: last_step(workdir) >= step]
+      lambda: last_step(workdir) >= step] + (
+      [lambda: os.path.isdir(os.path.join(workdir, 'checkpoints', str(committed)))] if committed else [])
   for ready in waits:
     while not ready():
       assert proc.poll() is None, proc.stderr.read()[-4000:]
@@ -45,7 +47,7 @@ def test_kill_then_sigterm_then_resume_reproduce_the_run(uninterrupted, demo_dat
   reference, reference_log = uninterrupted
   workdir = tmp_path / 'interrupted'
   cmd = command(workdir, demo_data_dir)
-  rc, _ = interrupt_after(cmd, workdir, 3, signal.SIGKILL)
+  rc, _ = interrupt_after(cmd, workdir, 3, signal.SIGKILL, committed=2)
   assert rc == -signal.SIGKILL
   killed_after = max(r['step'] for r in records(workdir))
   assert 3 <= killed_after < STEPS
