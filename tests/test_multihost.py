@@ -52,8 +52,9 @@ def assert_close(a: dict, b: dict, steps):
 @pytest.fixture(scope='module')
 def runs(demo_data_dir, tmp_path_factory):
   root = tmp_path_factory.mktemp('multihost')
-  one_process(train_args(root / 'one', demo_data_dir))
-  out = two_processes(train_args(root / 'two', demo_data_dir))
+  validated = '--config.validation.every=1'  # the evaluation's Embedder on the training mesh
+  one_process(train_args(root / 'one', demo_data_dir, 'stage2', validated))
+  out = two_processes(train_args(root / 'two', demo_data_dir, 'stage2', validated))
   return root, out
 
 
@@ -64,7 +65,10 @@ def test_two_processes_train_as_one_with_eight_devices(runs):
   assert_close(losses(root / 'two'), losses(root / 'one'), range(1, STEPS + 1))
   # Only process 0 writes metrics and plots; both took part in every checkpoint.
   assert sorted(int(d) for d in os.listdir(root / 'two' / 'checkpoints')) == list(range(1, STEPS + 1))
-  assert (root / 'two' / 'plots').is_dir() and len(records(root / 'two')) == STEPS
+  assert (root / 'two' / 'plots').is_dir() and len([r for r in records(root / 'two') if 'split' not in r]) == STEPS
+  validation = lambda w: {r['step']: {k: v for k, v in r.items() if k.startswith('p_at_1')}
+                          for r in records(w) if r.get('split') == 'validation'}
+  assert validation(root / 'two') == validation(root / 'one') and len(validation(root / 'one')) == STEPS
 
 
 def _resume_last_step(source, target, run):

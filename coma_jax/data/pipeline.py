@@ -187,23 +187,27 @@ def _mark_flags_parsed() -> None:
     flags.FLAGS.mark_as_parsed()
 
 
-def to_global(batch: dict, sharding_for: Callable[[str, tuple], jax.sharding.Sharding]) -> dict:
+def to_global(batch: dict, sharding_for: Callable[[str, tuple], jax.sharding.Sharding],
+              processes: int | None = None) -> dict:
   """Process-local numpy batch -> global jax.Arrays.
 
   `sharding_for(name, global_shape)`: each process holds an equal slice of the batch axis, so the
-  global shape is the local one with that axis times the process count.
+  global shape is the local one with that axis times the number of processes the sharding spans
+  (`processes`: default all; 1 for a mesh of this process's devices only).
   """
+  processes = jax.process_count() if processes is None else processes
+
   def put(name, value):
     if value is None or not isinstance(value, np.ndarray):
       return value
     axis = BATCH_AXIS.get(name, 0)
-    global_shape = value.shape[:axis] + (value.shape[axis] * jax.process_count(),) + value.shape[axis + 1:]
+    global_shape = value.shape[:axis] + (value.shape[axis] * processes,) + value.shape[axis + 1:]
     return jax.make_array_from_process_local_data(sharding_for(name, global_shape), value, global_shape)
 
   out = {}
   for key, value in batch.items():
     if isinstance(value, dict):
-      out[key] = to_global(value, sharding_for)
+      out[key] = to_global(value, sharding_for, processes)
     elif dataclasses.is_dataclass(value):
       out[key] = value.replace(**{f.name: put(f.name, getattr(value, f.name)) for f in dataclasses.fields(value)})
     else:

@@ -86,7 +86,9 @@ def compose_text(text: str | None, instruction: str | None, has_image: bool) -> 
 
 
 class Embedder:
-  def __init__(self, model, tokenizer, metadata: dict, mesh: Mesh | None = None):
+  def __init__(self, model, tokenizer, metadata: dict, mesh: Mesh | None = None, rules: dict | None = None):
+    """`mesh` (default: this process's devices) may span several processes, as training's does
+    (with training's `rules`): every process then calls `encode_sides` with the same items."""
     missing = [k for k in REQUIRED if k not in metadata]
     if missing:
       raise ValueError(f'coma_embedding.json lacks {missing}: cannot know how the model embeds')
@@ -101,7 +103,9 @@ class Embedder:
     self.settings = SequenceSettings(num_compression_tokens=self.k, max_length=MAX_LENGTH,
                                      max_vision_slots=MAX_VISION_SLOTS, image=self.image)
     self.mesh = mesh or local_mesh()
-    self.rules = rules_dict([('batch', 'data')])
+    self.rules = rules if rules is not None else rules_dict([('batch', 'data')])
+    # A mesh over several processes: each process feeds its slice of a batch's rows.
+    self.processes = len({d.process_index for d in self.mesh.devices.flat})
     graphdef, state = nnx.split(model)
     self._state = state
     self._embed = jax.jit(under_rules(lambda s, side: embed_side(nnx.merge(graphdef, s), side, None),
@@ -169,6 +173,8 @@ class Embedder:
     state = self._state if state is None else state
     shards = self.mesh.devices.size
     rows = -(-batch_size // shards) * shards  # whole rows per device
+    per_process = rows // self.processes
+    first = jax.process_index() * per_process if self.processes > 1 else 0
     cfg = self.model.config
     out = np.zeros((len(sides), self.dim), np.float32)
     self.truncated, bar = 0, None
@@ -183,9 +189,15 @@ class Embedder:
       needs = needs_of(examples, cfg, 1)
       bucket = Bucket(_bucket_size(needs.seq_len, 64),
                       _bucket_size(needs.vision_slots, cfg.vision.window_patches) if needs.vision_slots else 0, 0)
-      batch = collate(examples, cfg, bucket, 1, self.k)
-      side = to_global({k: batch[k] for k in ('inputs', 'compression_positions', 'example_valid')}, sharding)
-      out[start:start + n] = np.asarray(jax.device_get(self._embed(state, side)))[:n]
+      # Every process prepared every row (so all pick the same bucket); each feeds its own slice.
+      batch = collate(examples[first:first + per_process], cfg, bucket, 1, self.k)
+      side = to_global({k: batch[k] for k in ('inputs', 'compression_positions', 'example_valid')}, sharding,
+                       processes=self.processes)
+      embedded = self._embed(state, side)
+      if self.processes > 1:
+        from jax.experimental import multihost_utils
+        embedded = multihost_utils.process_allgather(embedded, tiled=True)
+      out[start:start + n] = np.asarray(jax.device_get(embedded))[:n]
       if bar is not None:
         bar.update(n)
     if bar is not None:

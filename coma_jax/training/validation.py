@@ -87,7 +87,9 @@ class Stage2Validation:
     run, c = self.run, self.run.config
     model = nnx.merge(run.setup.graphdef, state.params, state.frozen)
     if self.embedder is None:
-      self.embedder = Embedder(model, run.tokenizer, embedding_metadata(c, run.first_compression_id))
+      # Several processes: the training mesh (its weights live there), each process one slice.
+      mesh = dict(mesh=run.mesh, rules=run.rules) if jax.process_count() > 1 else {}
+      self.embedder = Embedder(model, run.tokenizer, embedding_metadata(c, run.first_compression_id), **mesh)
     weights = nnx.state(model)
     scores, spreads = {}, []
     for name, records in self.datasets.items():
