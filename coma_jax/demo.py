@@ -23,6 +23,8 @@ import subprocess
 import sys
 import time
 
+from coma_jax.plot import run_records
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIG = os.path.join(ROOT, 'configs', 'demo.py')
 TIMES = 'demo_times.json'  # the wall time of each stage when it last ran
@@ -45,17 +47,6 @@ def _latest_step(workdir: str) -> int | None:
     return ckpts.latest_step()
   finally:
     ckpts.close()
-
-
-def _records(workdir: str) -> list[dict]:
-  path, out = os.path.join(workdir, 'metrics.jsonl'), []
-  if os.path.exists(path):
-    for line in open(path):
-      try:
-        out.append(json.loads(line))
-      except json.JSONDecodeError:  # the line being written
-        pass
-  return out
 
 
 def machine() -> str:
@@ -84,7 +75,7 @@ def _run(name: str, cmd: list[str], log_path: str, workdir: str | None = None, t
       time.sleep(1.0)
       if workdir is None:
         continue
-      train = [r for r in _records(workdir) if 'split' not in r]
+      train = [r for r in run_records(workdir) if 'split' not in r]
       if train and train[-1]['step'] != shown and (time.monotonic() - last_print > 15 or train[-1]['step'] == total):
         r = train[-1]
         eta = (total - r['step']) / max(r.get('steps_per_s') or 0, 1e-9) if total else 0
@@ -111,19 +102,14 @@ def _train(stage: str, workdir: str, data_dir: str, extra: list[str], times: dic
 
 
 def _steps_of(stage: str, extra: list[str]) -> int:
-  """train.steps as the command will see it (configs/demo.py, then an override after `--`)."""
-  steps = None
-  for arg in extra:
+  """train.steps as the command will see it: the last override after `--`, else configs/demo.py."""
+  for arg in reversed(extra):
     if arg.startswith('--config.train.steps='):
-      steps = int(arg.split('=', 1)[1])
-  if steps is None:
-    import importlib.util
-    spec = importlib.util.spec_from_file_location('demo_config', CONFIG)
-    module = importlib.util.module_from_spec(spec)
+      return int(arg.split('=', 1)[1])
+  if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
-    spec.loader.exec_module(module)
-    steps = module.get_config(stage).train.steps
-  return steps
+  from configs import demo as demo_config
+  return demo_config.get_config(stage).train.steps
 
 
 def _evaluate(model: str, data: dict, out: str, times: dict) -> None:
@@ -142,7 +128,7 @@ def _evaluate(model: str, data: dict, out: str, times: dict) -> None:
 
 def loss_fell(workdir: str, window: int = 10) -> tuple[float, float]:
   """The mean training loss over the first and the last `window` steps."""
-  losses = [r['loss'] for r in _records(workdir) if 'split' not in r]
+  losses = [r['loss'] for r in run_records(workdir) if 'split' not in r]
   w = max(1, min(window, len(losses) // 2))
   return sum(losses[:w]) / w, sum(losses[-w:]) / w
 

@@ -32,6 +32,12 @@ def read_records(path):
   return records
 
 
+def run_records(run_dir):
+  """The records of a run folder's metrics file; none before its first step is written."""
+  path = os.path.join(run_dir, METRICS_FILE)
+  return read_records(path) if os.path.exists(path) else []
+
+
 def _is_number(value):
   return isinstance(value, Number) and not isinstance(value, bool) and math.isfinite(value)
 

@@ -71,27 +71,17 @@ def test_two_processes_train_as_one_with_eight_devices(runs):
   assert validation(root / 'two') == validation(root / 'one') and len(validation(root / 'one')) == STEPS
 
 
-def _resume_last_step(source, target, run):
-  """`source` cut back to its step STEPS - 1 checkpoint, then resumed by `run` in `target`."""
-  shutil.copytree(source, target)
+@pytest.mark.parametrize('saved_by, resumed_by', [
+    ('two', one_process), pytest.param('one', two_processes, marks=pytest.mark.slow)], ids=['2to1', '1to2'])
+def test_a_checkpoint_continues_on_another_process_count(runs, demo_data_dir, saved_by, resumed_by):
+  """A run cut back to its step STEPS - 1 checkpoint resumes, on the other process count, to the
+  identical step STEPS."""
+  root, _ = runs
+  target = root / f'{saved_by}_resumed'
+  shutil.copytree(root / saved_by, target)
   shutil.rmtree(target / 'checkpoints' / str(STEPS))
-  run(target)
-  return losses(target)
-
-
-def test_a_two_process_checkpoint_continues_in_one(runs, demo_data_dir):
-  root, _ = runs
-  resumed = _resume_last_step(root / 'two', root / 'two_then_one',
-                              lambda w: one_process(train_args(w, demo_data_dir)))
-  assert_close(resumed, losses(root / 'one'), [STEPS])
-
-
-@pytest.mark.slow
-def test_a_one_process_checkpoint_continues_in_two(runs, demo_data_dir):
-  root, _ = runs
-  resumed = _resume_last_step(root / 'one', root / 'one_then_two',
-                              lambda w: two_processes(train_args(w, demo_data_dir)))
-  assert_close(resumed, losses(root / 'one'), [STEPS])
+  resumed_by(train_args(target, demo_data_dir))
+  assert_close(losses(target), losses(root / 'one'), [STEPS])
 
 
 @pytest.mark.slow

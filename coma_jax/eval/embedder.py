@@ -25,10 +25,10 @@ from flax import nnx
 from jax.sharding import Mesh
 from PIL import Image
 
-from coma_jax.data.batching import Bucket, collate, example_slots, needs_of
+from coma_jax.data.batching import Bucket, Needs, collate, example_slots, needs_of
 from coma_jax.data.formats import MMEB_IMAGE_TAG, Side
 from coma_jax.data.image import ImageSettings
-from coma_jax.data.pipeline import to_global
+from coma_jax.data.pipeline import global_max, to_global
 from coma_jax.data.sequences import SequenceSettings, TokenIds, stage2_example
 from coma_jax.data.tokenizer import load_tokenizer
 from coma_jax.model.inputs import BATCH_AXIS
@@ -183,14 +183,17 @@ class Embedder:
       bar = tqdm(total=len(sides), unit='item')
     sharding = lambda name, shape: batch_sharding(shape, BATCH_AXIS.get(name, 0), self.rules, self.mesh)
     for start in range(0, len(sides), rows):
-      examples = self._examples(sides[start:start + rows], start, truncate)
-      n = len(examples)
-      examples += [None] * (rows - n)
+      n = len(sides[start:start + rows])
+      # Each process prepares its own slice of the rows; all agree on the bucket, as the loader does.
+      examples = self._examples(sides[start + first:min(start + first + per_process, start + n)], start + first,
+                                truncate)
+      examples += [None] * (per_process - len(examples))
       needs = needs_of(examples, cfg, 1)
+      if self.processes > 1:
+        needs = Needs(*global_max(needs.as_array()).tolist())
       bucket = Bucket(_bucket_size(needs.seq_len, 64),
                       _bucket_size(needs.vision_slots, cfg.vision.window_patches) if needs.vision_slots else 0, 0)
-      # Every process prepared every row (so all pick the same bucket); each feeds its own slice.
-      batch = collate(examples[first:first + per_process], cfg, bucket, 1, self.k)
+      batch = collate(examples, cfg, bucket, 1, self.k)
       side = to_global({k: batch[k] for k in ('inputs', 'compression_positions', 'example_valid')}, sharding,
                        processes=self.processes)
       embedded = self._embed(state, side)
