@@ -23,7 +23,7 @@ def get_config(variant: str = 'stage1') -> ml_collections.ConfigDict:
       frozen_dtype='bfloat16',  # frozen base weights: no fp32 master copy, no optimizer state
       scan_layers=True,
       remat='full',          # none | full | save_dots | projections
-      attention='xla',
+      attention='auto',      # auto | xla | blockwise | cudnn | splash (model/attention.py)
   )
   c.mesh = dict(shape=(-1, 1, 1), rules=(), frozen_replicated=False)
   c.adapter = dict(kind='dora', rank=16, alpha=64.0, dropout=0.1,

@@ -1,45 +1,125 @@
 """The one attention dispatch point of the model.
 
 Every attention call (vision windows, vision full attention, the LLM, the stage-1 split calls)
-goes through `attention`. The masking is described by segment ids (a query sees keys of the same
-segment) and a causal flag, which is exactly what fused kernels (cuDNN via
-`jax.nn.dot_product_attention`, TPU splash attention) take, so they can plug in here later.
+goes through `attention`. Masking is described by segment ids (a query sees keys of the same
+segment) and a causal flag, the form fused kernels take. Implementations:
+  xla        the reference: builds the fp32 (T x S) scores;
+  blockwise  pure-JAX flash attention with its own VJP (`attention_blockwise.py`), any backend;
+  cudnn      GPU, bf16/fp16: cuDNN flash attention on right-padded rows, blockwise otherwise;
+  splash     TPU splash attention (`attention_kernels.py`);
+  auto       by backend, dtype and shape (below); it logs its choice once per call kind.
+A query row that sees no key gives zeros under every implementation.
 """
 from __future__ import annotations
+
+import logging
 
 import jax
 import jax.numpy as jnp
 
-IMPLEMENTATIONS = ('xla',)
+from coma_jax.model.attention_blockwise import blockwise_attention
+from coma_jax.model.attention_kernels import cudnn_attention, splash_attention
+
+IMPLEMENTATIONS = ('auto', 'xla', 'blockwise', 'cudnn', 'splash')
+# `auto` keeps small calls on XLA: the vision tower's 64-slot windows (64 x 64 scores) and short
+# rows are below the kernels' block sizes, and XLA is fastest there.
+SMALL_SCORES = 128 * 128
+CPU_BLOCKWISE_FROM = 1024 * 1024  # CPU: blockwise once one (T x S) score matrix is this big
+_FUSED_DTYPES = (jnp.bfloat16, jnp.float16)
 _MASKED = -0.7 * float(jnp.finfo(jnp.float32).max)  # finite: a fully masked row gives no NaN
+
+log = logging.getLogger('coma_jax.attention')
+_logged: set = set()
+
+
+def choose_implementation(impl: str, q: jax.Array, k: jax.Array, backend: str | None = None) -> str:
+  """The implementation `impl` resolves to for these shapes on `backend` (default: JAX's)."""
+  if impl not in IMPLEMENTATIONS:
+    raise ValueError(f'Unknown attention implementation {impl!r}; available: {IMPLEMENTATIONS}')
+  if impl != 'auto':
+    return impl
+  backend = backend or jax.default_backend()
+  scores = q.shape[1] * k.shape[1]
+  if scores <= SMALL_SCORES:
+    return 'xla'
+  if backend == 'gpu':
+    return 'cudnn' if q.dtype in _FUSED_DTYPES else 'blockwise'
+  if backend == 'tpu':
+    return 'splash'
+  return 'blockwise' if scores >= CPU_BLOCKWISE_FROM else 'xla'
+
+
+def _log_choice(call: str, requested: str, chosen: str, q, k) -> None:
+  key = (call, requested, chosen, q.shape[1], k.shape[1], str(q.dtype))
+  if key not in _logged:
+    _logged.add(key)
+    log.info('attention %s: %s -> %s (queries %d, keys %d, %s)', call, requested, chosen, q.shape[1],
+             k.shape[1], q.dtype)
 
 
 def attention(q: jax.Array, k: jax.Array, v: jax.Array, *, q_segment_ids: jax.Array | None = None,
               kv_segment_ids: jax.Array | None = None, causal: bool = False, impl: str = 'xla',
-              mask: jax.Array | None = None) -> jax.Array:
+              mask: jax.Array | None = None, call: str = 'attention') -> jax.Array:
   """Scaled dot-product attention with grouped KV heads.
 
-  q: (B, T, N, D); k, v: (B, S, K, D) with N % K == 0; segment ids: (B, T) and (B, S) ints.
-  Query t may attend key s iff their segment ids are equal (and s <= t when causal).
-  `mask` (B, 1, T, S) bool replaces segments and causality: the explicit-mask CPU reference only.
-  Returns (B, T, N, D) in q's dtype.
+  q: (B, T, N, D); k, v: (B, S, K, D) with N % K == 0; segment ids: (B, T) and (B, S) ints >= 0
+  (None: one segment). Query t may attend key s iff their segment ids are equal (and s <= t when
+  causal). `mask` (B, 1, T, S) bool replaces segments and causality: the explicit-mask CPU
+  reference only (XLA). `call` names the call kind in `auto`'s log. Returns (B, T, N, D) in q's dtype.
   """
-  if impl != 'xla':
-    raise ValueError(f'Unknown attention implementation {impl!r}; available: {IMPLEMENTATIONS}')
-  b, t, n, d = q.shape
-  kv_heads = k.shape[2]
+  n, kv_heads = q.shape[2], k.shape[2]
   if n % kv_heads:
     raise ValueError(f'{n} query heads are not a multiple of {kv_heads} KV heads')
+  if mask is not None:
+    return xla_attention(q, k, v, mask=mask[:, 0])
+  if q_segment_ids is None:
+    q_segment_ids = jnp.zeros(q.shape[:2], jnp.int32)
+  if kv_segment_ids is None:
+    kv_segment_ids = jnp.zeros(k.shape[:2], jnp.int32)
+  chosen = choose_implementation(impl, q, k)
+  if impl == 'auto':
+    _log_choice(call, impl, chosen, q, k)
+  if chosen == 'xla':
+    return xla_attention(q, k, v, mask=segment_mask(q_segment_ids, kv_segment_ids, causal))
+  if chosen == 'blockwise':
+    return blockwise_attention(q, k, v, q_segment_ids, kv_segment_ids, causal=causal)
+  if chosen == 'cudnn':
+    if q.dtype not in _FUSED_DTYPES:  # cuDNN flash attention is bf16/fp16 only
+      return blockwise_attention(q, k, v, q_segment_ids, kv_segment_ids, causal=causal)
+    return cudnn_attention(q, k, v, q_segment_ids, kv_segment_ids, causal=causal)
+  return splash(q, k, v, q_segment_ids, kv_segment_ids, causal=causal,
+                interpret=jax.default_backend() != 'tpu')
+
+
+def splash(q, k, v, q_segment_ids, kv_segment_ids, *, causal: bool, interpret: bool):
+  """Splash, under `shard_map` over the batch axes when a train step's mesh is active."""
+  from coma_jax.parallel import activations
+  from coma_jax.parallel.rules import mesh_axes_for
+  mesh = batch_axes = None
+  if activations._current:
+    mesh, rules = activations._current[-1]
+    batch_axes = mesh_axes_for(('batch',), q.shape[:1], rules, mesh)[0]
+  return splash_attention(q, k, v, q_segment_ids, kv_segment_ids, causal=causal, interpret=interpret,
+                          mesh=mesh, batch_axes=batch_axes)
+
+
+def segment_mask(q_segment_ids, kv_segment_ids, causal: bool) -> jax.Array:
+  """(B, T, S) bool: equal segments, and key <= query when causal."""
+  mask = q_segment_ids[:, :, None] == kv_segment_ids[:, None, :]
+  if causal:
+    mask = mask & (jnp.arange(q_segment_ids.shape[1])[:, None] >= jnp.arange(kv_segment_ids.shape[1])[None, :])
+  return mask
+
+
+def xla_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, mask: jax.Array) -> jax.Array:
+  """The reference: explicit fp32 scores under a (B, T, S) mask; rows with no key give zeros."""
+  b, t, n, d = q.shape
+  kv_heads = k.shape[2]
   qg = q.reshape(b, t, kv_heads, n // kv_heads, d)
   logits = jnp.einsum('btkgd,bskd->bkgts', qg, k, preferred_element_type=jnp.float32)
   logits = logits * (d ** -0.5)
-  if mask is None:
-    mask = q_segment_ids[:, :, None] == kv_segment_ids[:, None, :]  # (B, T, S)
-    if causal:
-      mask = mask & (jnp.arange(t)[:, None] >= jnp.arange(k.shape[1])[None, :])
-  else:
-    mask = mask[:, 0]
   logits = jnp.where(mask[:, None, None], logits, _MASKED)
-  probs = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
+  probs = jax.nn.softmax(logits, axis=-1)
+  probs = jnp.where(mask.any(-1)[:, None, None, :, None], probs, 0.0).astype(v.dtype)
   out = jnp.einsum('bkgts,bskd->btkgd', probs, v, preferred_element_type=jnp.float32)
   return out.reshape(b, t, n, d).astype(q.dtype)

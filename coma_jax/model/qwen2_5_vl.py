@@ -19,7 +19,7 @@ from coma_jax.model.vision import VisionTower, gather_units
 class Qwen25VL(nnx.Module):
 
   def __init__(self, config: ModelConfig, *, dtype=jnp.float32, param_dtype=jnp.float32,
-               scan_layers: bool = True, remat: str = 'none', attention_impl: str = 'xla',
+               scan_layers: bool = True, remat: str = 'none', attention_impl: str = 'auto',
                rngs: nnx.Rngs):
     t = config.text
     self.config = config
@@ -48,7 +48,7 @@ class Qwen25VL(nnx.Module):
     """Plain causal attention over valid tokens (stage 2, inference and the parity tests)."""
     seg = inputs.token_valid.astype(jnp.int32)
     return lambda layer, q, k, v: attention(q, k, v, q_segment_ids=seg, kv_segment_ids=seg,
-                                            causal=True, impl=self.attention_impl)
+                                            causal=True, impl=self.attention_impl, call='text')
 
   def hidden_states(self, inputs: ModelInputs, attend: Attend | None = None, ctx=None,
                     vision: jax.Array | None = None) -> jax.Array:

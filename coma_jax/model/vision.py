@@ -46,7 +46,8 @@ class VisionAttention(nnx.Module):
     if window is not None:  # fixed-size windows: a reshape, not a mask over the whole row
       q, k, v = (a.reshape(r * s // window, window, *a.shape[2:]) for a in (q, k, v))
       segment_ids = segment_ids.reshape(r * s // window, window)
-    out = attention(q, k, v, q_segment_ids=segment_ids, kv_segment_ids=segment_ids, causal=False, impl=impl)
+    out = attention(q, k, v, q_segment_ids=segment_ids, kv_segment_ids=segment_ids, causal=False, impl=impl,
+                    call='vision_window' if window is not None else 'vision_full')
     return self.proj(out.reshape(r, s, d))
 
 
@@ -85,7 +86,7 @@ class PatchMerger(nnx.Module):
 class VisionTower(nnx.Module):
 
   def __init__(self, cfg: VisionConfig, *, dtype=jnp.float32, param_dtype=jnp.float32,
-               scan_layers: bool = True, remat: str = 'none', attention_impl: str = 'xla',
+               scan_layers: bool = True, remat: str = 'none', attention_impl: str = 'auto',
                rngs: nnx.Rngs):
     self.cfg = cfg
     self.scan_layers, self.remat, self.attention_impl = scan_layers, remat, attention_impl

@@ -83,7 +83,7 @@ class Stage1StepConfig:
   micro_batches: int = 1
   loss_chunk: int = 512
   loss_remat: bool = True  # recompute each chunk's logits in the backward pass (memory for time)
-  attention_impl: str = 'xla'
+  attention_impl: str = 'auto'
   first_trainable_embedding_row: int | None = None  # set for embeddings='new_tokens_only'
 
 

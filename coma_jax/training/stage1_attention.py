@@ -24,14 +24,15 @@ def _take_rows(x: jax.Array, index: jax.Array) -> jax.Array:
   return jnp.take_along_axis(x, idx, axis=1)
 
 
-def paper_attend(token_valid, split_index, split_slot, impl: str = 'xla'):
+def paper_attend(token_valid, split_index, split_slot, impl: str = 'auto'):
   seg = token_valid.astype(jnp.int32)
   seg2 = (split_index >= 0).astype(jnp.int32)
 
   def attend(layer, q, k, v):
-    full = attention(q, k, v, q_segment_ids=seg, kv_segment_ids=seg, causal=True, impl=impl)
+    full = attention(q, k, v, q_segment_ids=seg, kv_segment_ids=seg, causal=True, impl=impl, call='stage1_full_row')
     q2, k2, v2 = (_take_rows(a, split_index) for a in (q, k, v))
-    tail = attention(q2, k2, v2, q_segment_ids=seg2, kv_segment_ids=seg2, causal=True, impl=impl)
+    tail = attention(q2, k2, v2, q_segment_ids=seg2, kv_segment_ids=seg2, causal=True, impl=impl,
+                     call='stage1_dialogue_tail')
     back = _take_rows(tail, split_slot)
     return jnp.where((split_slot >= 0)[:, :, None, None], back, full)
   return attend
@@ -50,11 +51,11 @@ def reference_attend(roles, token_valid):
   return lambda layer, q, k, v: attention(q, k, v, mask=mask)
 
 
-def stage1_attend(mode: str, batch: dict, impl: str = 'xla'):
+def stage1_attend(mode: str, batch: dict, impl: str = 'auto'):
   inputs = batch['inputs']
   if mode == 'paper':
     return paper_attend(inputs.token_valid, batch['split_index'], batch['split_slot'], impl)
   if mode == 'causal':
     seg = inputs.token_valid.astype(jnp.int32)
-    return lambda layer, q, k, v: attention(q, k, v, q_segment_ids=seg, kv_segment_ids=seg, causal=True, impl=impl)
+    return lambda layer, q, k, v: attention(q, k, v, q_segment_ids=seg, kv_segment_ids=seg, causal=True, impl=impl, call='text')
   raise ValueError(f'stage-1 mask mode must be one of {MASK_MODES}, got {mode!r}')

@@ -36,7 +36,7 @@ class Stage2StepConfig:
   hard_negatives: bool = False
   chunks: int = 1          # GradCache chunks per side; 1 = one plain full-batch pass
   reuse_frozen_vision: bool = True
-  attention_impl: str = 'xla'
+  attention_impl: str = 'auto'
   first_trainable_embedding_row: int | None = None
 
 

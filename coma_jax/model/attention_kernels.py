@@ -1,0 +1,98 @@
+"""Fused attention kernels behind the dispatch: cuDNN (GPU) and splash (TPU).
+
+cuDNN (`jax.nn.dot_product_attention(implementation='cudnn')`) takes causal masks and per-row
+lengths, in bf16/fp16 only. Our calls describe masking by segment ids; a row whose query and key
+ids are one segment followed by padding (0) is exactly "length n", which is what collation makes.
+Any other row layout (left padding, several images in one vision row) is checked on the device
+and goes to the blockwise path instead (`lax.cond`), so the kernel can never give a wrong answer.
+Query rows past the length come back as zeros (they are padding; nothing reads them).
+
+Splash (TPU Pallas) takes separate query and key segment ids and causal or full masks; it pads to
+whole 128-blocks with a segment id no real row uses and runs under `shard_map` over the batch when
+a train step's mesh is active (a Pallas call cannot be partitioned by XLA). `interpret=True` runs
+it on CPU (tests).
+"""
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax.sharding import PartitionSpec as P
+
+from coma_jax.model.attention_blockwise import blockwise_attention
+
+_SPLASH_BLOCK = 128
+
+
+def _prefix_lengths(seg: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """Per row: (length, ok). ok when the row is one nonzero segment id then zeros (length = its
+  count), or all zeros (length = the row: padding rows attend each other, as with segment ids)."""
+  first = seg[:, :1]
+  nonzero = seg != 0
+  length = jnp.where(first[:, 0] != 0, nonzero.sum(1), seg.shape[1]).astype(jnp.int32)
+  expected = jnp.where(jnp.arange(seg.shape[1])[None] < length[:, None], first, 0)
+  return length, jnp.all(seg == expected, axis=1)
+
+
+def cudnn_attention(q, k, v, q_segment_ids, kv_segment_ids, *, causal: bool) -> jax.Array:
+  q_len, q_ok = _prefix_lengths(q_segment_ids)
+  kv_len, kv_ok = _prefix_lengths(kv_segment_ids)
+  same_segment = q_segment_ids[:, 0] == kv_segment_ids[:, 0]
+  fits = jnp.all(q_ok & kv_ok & same_segment)
+
+  def fused(q, k, v):
+    out = jax.nn.dot_product_attention(q, k, v, is_causal=causal, query_seq_lengths=q_len,
+                                       key_value_seq_lengths=kv_len, implementation='cudnn')
+    return jnp.where((jnp.arange(q.shape[1])[None] < q_len[:, None])[:, :, None, None], out, 0).astype(q.dtype)
+
+  def fallback(q, k, v):
+    return blockwise_attention(q, k, v, q_segment_ids, kv_segment_ids, causal=causal)
+
+  return jax.lax.cond(fits, fused, fallback, q, k, v)
+
+
+def _pad_to(x: jax.Array, length: int, value) -> jax.Array:
+  widths = [(0, 0)] * x.ndim
+  widths[1] = (0, length - x.shape[1])
+  return jnp.pad(x, widths, constant_values=value) if length > x.shape[1] else x
+
+
+def _splash_kernel(num_heads: int, t: int, s: int, causal: bool, interpret: bool):
+  # Built per trace, not cached: the kernel holds arrays, and one made under a trace must not leak.
+  from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_kernel as splash
+  from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_mask as masks
+  one = masks.CausalMask((t, s)) if causal else masks.FullMask((t, s))
+  bq, bkv = min(512, t), min(512, s)
+  sizes = splash.BlockSizes(block_q=bq, block_kv=bkv, block_kv_compute=bkv, block_q_dkv=bq,
+                            block_kv_dkv=bkv, block_kv_dkv_compute=bkv, block_q_dq=bq, block_kv_dq=bkv)
+  return splash.make_splash_mha(masks.MultiHeadMask([one] * num_heads), head_shards=1, q_seq_shards=1,
+                                block_sizes=sizes, interpret=interpret)
+
+
+def _splash_local(q, k, v, q_seg, kv_seg, *, causal: bool, interpret: bool):
+  from jax.experimental.pallas.ops.tpu.splash_attention.splash_attention_kernel import SegmentIds
+  kernel = _splash_kernel(q.shape[2], q.shape[1], k.shape[1], causal, interpret)
+  heads_first = lambda x: x.transpose(0, 2, 1, 3)
+  per_row = lambda q, k, v, qs, ks: kernel(q, k, v, segment_ids=SegmentIds(qs, ks))
+  out = jax.vmap(per_row)(heads_first(q), heads_first(k), heads_first(v), q_seg, kv_seg)
+  return heads_first(out)
+
+
+def splash_attention(q, k, v, q_segment_ids, kv_segment_ids, *, causal: bool, interpret: bool = False,
+                     mesh=None, batch_axes=None) -> jax.Array:
+  b, t, n, d = q.shape
+  s = k.shape[1]
+  t_pad, s_pad = (-(-x // _SPLASH_BLOCK) * _SPLASH_BLOCK for x in (t, s))
+  # Padding rows and columns share segment -1: padded queries see padded keys, so no row of the
+  # kernel is empty (an empty row's 0/0 would poison the backward pass); real ids are >= 0.
+  q_seg = _pad_to(q_segment_ids.astype(jnp.int32), t_pad, -1)
+  kv_seg = _pad_to(kv_segment_ids.astype(jnp.int32), s_pad, -1)
+  q = _pad_to(q * jnp.asarray(d ** -0.5, q.dtype), t_pad, 0)
+  k, v = _pad_to(k, s_pad, 0), _pad_to(v, s_pad, 0)
+  local = functools.partial(_splash_local, causal=causal, interpret=interpret)
+  if mesh is not None and batch_axes:
+    spec4, spec2 = P(batch_axes, None, None, None), P(batch_axes, None)
+    local = jax.shard_map(local, mesh=mesh, in_specs=(spec4, spec4, spec4, spec2, spec2), out_specs=spec4,
+                          check_vma=False)
+  return local(q, k, v, q_seg, kv_seg)[:, :t].astype(q.dtype)
