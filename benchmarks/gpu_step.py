@@ -1,6 +1,7 @@
 """GPU train-step benchmark: real-size Qwen2.5-VL 3B (and 7B) with random weights, synthetic batches.
 
   PYTHONPATH=. python benchmarks/gpu_step.py --out DIR        # on a GPU (about 6 minutes)
+  PYTHONPATH=. python benchmarks/gpu_step.py --part torch_3b --out DIR   # one part alone
   PYTHONPATH=. python benchmarks/gpu_step.py --dry-run        # any machine: tiny model, tiny shapes
 
 Imports only model and train code (no grain, tfds, ml_collections or tokenizer): token ids are
@@ -324,6 +325,7 @@ def part_torch(name: str, mode: str, out_dir: str) -> None:
   model.train()
   opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=5e-5, weight_decay=0.0)
   init_s = time.perf_counter() - start
+  print(f'[{name}] model ready in {init_s:.0f} s', flush=True)
   n, chunks = shape['pairs'], shape['chunks']
   chunk_rows = [list(range(c * n // chunks, (c + 1) * n // chunks)) for c in range(chunks)]
   tensors = {}
@@ -365,8 +367,10 @@ def part_torch(name: str, mode: str, out_dir: str) -> None:
     return loss.item()
 
   sync = torch.cuda.synchronize if cuda else (lambda: None)
+  t0 = time.perf_counter()
   step()
   sync()
+  print(f'[{name}] first step {time.perf_counter() - t0:.1f} s', flush=True)
   times = []
   for _ in range(shape['steps']):
     t0 = time.perf_counter()
@@ -385,7 +389,7 @@ def part_torch(name: str, mode: str, out_dir: str) -> None:
 # ----------------------------------------------------------------------------- driver
 
 PARTS = ('jax_3b', 'torch_3b', 'jax_7b')
-CAPS_S = {'jax_3b': 230, 'torch_3b': 100, 'jax_7b': 150}  # per-part wall-clock limits, real run
+CAPS_S = {'jax_3b': 200, 'torch_3b': 160, 'jax_7b': 150}  # per-part wall-clock limits, real run
 
 
 def _load(out_dir, name):
@@ -424,8 +428,8 @@ def main():
   parser.add_argument('--out', default=os.environ.get('OUT', 'gpu_step_out'))
   parser.add_argument('--dry-run', action='store_true', help='tiny model and shapes: checks the script runs')
   parser.add_argument('--parts', default=','.join(PARTS))
-  parser.add_argument('--part', help=argparse.SUPPRESS)  # a child process runs one part
-  parser.add_argument('--budget-s', type=float, default=360, help='the whole run, all parts')
+  parser.add_argument('--part', choices=PARTS, help='run one part in this process (the driver runs each so)')
+  parser.add_argument('--budget-s', type=float, default=480, help='the whole run, all parts')
   args = parser.parse_args()
   mode = 'dry' if args.dry_run else 'real'
   if args.part:
