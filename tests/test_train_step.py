@@ -64,6 +64,22 @@ def test_meshes_agree_with_one_device(data):
   # On (2, 2, 2), parameters really are sharded (fsdp on the model width, tensor on heads).
   q = setup.state.params['decoder']['layers']['self_attn']['q_proj']['lora_b']
   assert q.sharding.spec == jax.sharding.PartitionSpec(None, None, 'tensor')
+  # Adam's moments live where their parameter does (the embedding's were once replicated: 4 GiB
+  # per device on the 7B); only the step counts are replicated.
+  params = {jax.tree_util.keystr(p): x.sharding for p, x in jax.tree_util.tree_leaves_with_path(setup.state.params)}
+  moments = 0
+  for path, x in jax.tree_util.tree_leaves_with_path(setup.state.opt_state):
+    name = jax.tree_util.keystr(path)
+    owner = [sh for p, sh in params.items() if name.endswith(p)]
+    if owner:
+      moments += 1
+      assert x.sharding.spec == owner[0].spec, name
+    else:
+      assert x.shape == () and x.sharding.spec == jax.sharding.PartitionSpec(), name
+  assert moments == 2 * len(params)
+  embedding_mu = [x for p, x in jax.tree_util.tree_leaves_with_path(setup.state.opt_state)
+                  if 'mu' in jax.tree_util.keystr(p) and 'embed_tokens' in jax.tree_util.keystr(p)][0]
+  assert embedding_mu.sharding.spec == jax.sharding.PartitionSpec('tensor', 'fsdp')
 
 
 def test_accumulation_remat_and_scan_agree(data):
