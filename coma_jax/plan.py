@@ -71,10 +71,10 @@ def main(argv=None):
     bucket = from_config.buckets(c)[flags.FLAGS.bucket]
     if stage2:
       batch = abstract_stage2_batch(model.config, c.data.global_batch, bucket, c.model.num_compression_tokens,
-                                    mesh, rules, from_config.sides(c))
+                                    mesh, rules, from_config.sides(c), pixel_dtype=from_config.DTYPES[c.model.dtype])
     else:
       batch = abstract_stage1_batch(model.config, c.data.global_batch, bucket, c.model.num_compression_tokens,
-                                    mesh, rules)
+                                    mesh, rules, pixel_dtype=from_config.DTYPES[c.model.dtype])
     key = jax.ShapeDtypeStruct((), jax.random.key(0).dtype)
     compiled = setup.step.lower(setup.state, batch, key).compile()
     mem = compiled.memory_analysis()

@@ -13,6 +13,7 @@ rounding together, not one op slipping to bf16: RMSNorm, softmax or rotary compu
 the parity-batch ratio by at most 1.15. The training test catches lost updates: without fp32
 masters of the trained weights the loss falls 20% less and the curves part by 3%.
 """
+import dataclasses
 import functools
 import tempfile
 
@@ -127,6 +128,30 @@ def test_bf16_stage2_embeddings(models):
   ours = {k: np.asarray(_embed(*nnx.split(models[k]), side)) for k in ('ours16', 'ours32')}
   check_errors('stage-2 embeddings', {'torch_bf16': rel_err(torch16, ref), 'ours_bf16': rel_err(ours['ours16'], ref),
                                       'ours_fp32': rel_err(ours['ours32'], ref)})
+
+
+def test_bf16_pixels_give_the_same_embeddings(models):
+  """A bf16 run's loaders send pixels in bf16 (half the bytes): the patch embedding rounds them to
+  bf16 anyway, so the embeddings are bit-identical to those from fp32 pixels."""
+  side, _ = stage2_side(models['ours32'].config)
+  pixels = np.asarray(side['inputs'].pixel_patches)
+  rounded = dataclasses.replace(side['inputs'], pixel_patches=pixels.astype(jnp.bfloat16))
+  assert rounded.pixel_patches.dtype == jnp.bfloat16 and not np.array_equal(
+      rounded.pixel_patches.astype(np.float32), pixels)  # the rounding is real
+  graphdef, state = nnx.split(models['ours16'])
+  full = np.asarray(_embed(graphdef, state, side))
+  half = np.asarray(_embed(graphdef, state, dict(side, inputs=rounded)))
+  np.testing.assert_array_equal(half, full)
+
+
+def test_collate_writes_pixels_in_the_requested_dtype(models):
+  cfg = models['ours32'].config
+  rng = np.random.default_rng(1)
+  examples = [stage2_batches.side(rng, f'q{i}', image=True, text_len=5) for i in range(2)]
+  full, half = (collate(examples, cfg, Bucket(48, 128, 0), 1, stage2_batches.K, pixel_dtype=d)
+                for d in (np.float32, jnp.bfloat16))
+  assert half['inputs'].pixel_patches.dtype == jnp.bfloat16
+  np.testing.assert_array_equal(half['inputs'].pixel_patches, full['inputs'].pixel_patches.astype(jnp.bfloat16))
 
 
 # lr 3e-4: the loss still falls clearly within 30 steps, and Adam's steps (~lr) are at or below the

@@ -93,7 +93,7 @@ def pick_bucket(buckets: Sequence[Bucket], needs: Needs) -> Bucket:
 
 
 def collate(examples: Sequence[Example | None], cfg: ModelConfig, bucket: Bucket,
-            examples_per_group: int, num_compression_tokens: int) -> dict:
+            examples_per_group: int, num_compression_tokens: int, pixel_dtype=np.float32) -> dict:
   """Pads examples (None = a skipped bad record: an all-padding row) into one static batch.
 
   Returns numpy arrays only (a pytree whose structure is fixed by the bucket, so it goes into a
@@ -101,7 +101,7 @@ def collate(examples: Sequence[Example | None], cfg: ModelConfig, bucket: Bucket
   'label_positions' / 'label_targets' (B, label_slots): the positions whose logits predict a
   supervised token and that token (-1 = padding), 'compression_positions' (B, K),
   'example_valid' (B,), 'split_index' / 'split_slot' (the stage-1 mask's gathers). Host-side
-  statistics are `batch_stats`.
+  statistics are `batch_stats`. `pixel_dtype`: the pixel patches' (the model's compute dtype).
   """
   b, length, k = len(examples), bucket.seq_len, num_compression_tokens
   if b % examples_per_group:
@@ -141,7 +141,7 @@ def collate(examples: Sequence[Example | None], cfg: ModelConfig, bucket: Bucket
       members = [e for e in examples[g * examples_per_group:(g + 1) * examples_per_group] if e is not None]
       grouped.append(([i for e in members for i in e.images], [grid for e in members for grid in e.grids]))
     inputs = build_grouped_inputs(cfg, ids, mask, grouped, seq_len=length, patch_budget=bucket.vision_slots,
-                                  vision_rows=1, vision_row_len=bucket.vision_slots)
+                                  vision_rows=1, vision_row_len=bucket.vision_slots, pixel_dtype=pixel_dtype)
   else:
     inputs = build_model_inputs(cfg, ids, mask, seq_len=length)
   split_index, split_slot = split_indices(roles)

@@ -7,6 +7,7 @@ import os
 import re
 from typing import Sequence
 
+import numpy as np
 import tensorflow_datasets as tfds
 
 from coma_jax.data.batching import Bucket, check_example_contract, example_slots, parse_buckets
@@ -106,7 +107,7 @@ def stage1_loader(data_dir: str, model_config: ModelConfig, tokenizer: QwenToken
                   buckets, seed: int, examples_per_group: int = 1, start_step: int = 0,
                   end_step: int | None = None, num_workers: int = 0, process_index: int = 0,
                   process_count: int = 1, on_bad_record: str = 'skip', max_bad_fraction: float = 0.05,
-                  split: str = 'train', **sequence_kw) -> GlobalBatchIterator:
+                  split: str = 'train', pixel_dtype=np.float32, **sequence_kw) -> GlobalBatchIterator:
   """Batches of stage1_qa's `split`: data steps start_step .. end_step - 1 (default: one epoch)."""
   buckets = parse_buckets(buckets)
   settings = sequence_settings(buckets, examples_per_group, **sequence_kw)
@@ -117,7 +118,8 @@ def stage1_loader(data_dir: str, model_config: ModelConfig, tokenizer: QwenToken
   sampler = EpochSampler(len(source), global_batch, seed)
   reader = StepReader(source, sampler, Stage1Examples(tokenizer, settings, model_config),
                       process_index, process_count, on_bad_record)
-  spec = BatchSpec(model_config, buckets, examples_per_group, settings.num_compression_tokens)
+  spec = BatchSpec(model_config, buckets, examples_per_group, settings.num_compression_tokens,
+                   pixel_dtype=pixel_dtype)
   return GlobalBatchIterator(reader, spec, start_step=start_step, num_workers=num_workers,
                              end_step=end_step if end_step is not None else sampler.steps_per_epoch,
                              max_bad_fraction=max_bad_fraction)
@@ -127,7 +129,8 @@ def stage2_loader(data_dir: str, model_config: ModelConfig, tokenizer: QwenToken
                   buckets, seed: int, end_step: int, block_size: int = 64, caps=None, weights=None,
                   hard_negatives: bool = False, examples_per_group: int = 1, start_step: int = 0,
                   num_workers: int = 0, process_index: int = 0, process_count: int = 1,
-                  on_bad_record: str = 'skip', max_bad_fraction: float = 0.05, **sequence_kw) -> GlobalBatchIterator:
+                  on_bad_record: str = 'skip', max_bad_fraction: float = 0.05, pixel_dtype=np.float32,
+                  **sequence_kw) -> GlobalBatchIterator:
   buckets = parse_buckets(buckets)
   settings = sequence_settings(buckets, examples_per_group, **sequence_kw)
   builder = open_builder(data_dir, 'mmeb_train')
@@ -142,6 +145,7 @@ def stage2_loader(data_dir: str, model_config: ModelConfig, tokenizer: QwenToken
   reader = StepReader(ConcatSource([sources[s] for s in splits]), sampler,
                       Stage2Examples(tokenizer, settings, model_config, sampler, sides),
                       process_index, process_count, on_bad_record)
-  spec = BatchSpec(model_config, buckets, examples_per_group, settings.num_compression_tokens, sides=sides)
+  spec = BatchSpec(model_config, buckets, examples_per_group, settings.num_compression_tokens, sides=sides,
+                   pixel_dtype=pixel_dtype)
   return GlobalBatchIterator(reader, spec, start_step=start_step, end_step=end_step, num_workers=num_workers,
                              max_bad_fraction=max_bad_fraction)

@@ -90,6 +90,7 @@ class BatchSpec:
   examples_per_group: int
   num_compression_tokens: int
   sides: Sequence[str] | None = None  # None: examples are single Examples
+  pixel_dtype: Any = np.float32  # the model's compute dtype (bfloat16 halves the pixel bytes)
 
 
 @dataclasses.dataclass
@@ -147,7 +148,8 @@ class GlobalBatchIterator:
     needs = needs_of(examples, spec.model_config, spec.examples_per_group)
     agreed = Needs(*global_max(needs.as_array()).tolist())
     bucket = pick_bucket(spec.buckets, agreed)
-    out = collate(examples, spec.model_config, bucket, spec.examples_per_group, spec.num_compression_tokens)
+    out = collate(examples, spec.model_config, bucket, spec.examples_per_group, spec.num_compression_tokens,
+                  spec.pixel_dtype)
     out['example_ids'] = np.asarray(ids, np.int32)
     return out, bucket, batch_stats(examples, bucket, spec.examples_per_group)
 

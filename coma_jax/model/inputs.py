@@ -153,12 +153,15 @@ def build_model_inputs(cfg: ModelConfig, input_ids, attention_mask=None, *,
 
 
 def grouped_vision_arrays(cfg: ModelConfig, groups, *, patch_budget: int | None = None,
-                          rows: int | None = None, row_len: int | None = None) -> dict[str, np.ndarray]:
+                          rows: int | None = None, row_len: int | None = None,
+                          pixel_dtype=np.float32) -> dict[str, np.ndarray]:
   """The vision fields of `ModelInputs` (leading group axis) for [(raster patches, grids), ...].
 
   A group's patches may be one array or a list of items, each an (n, patch_dim) array or an
   object with `len()` and `write_patches(out)` (a resized image that patchifies itself into the
   batch buffer). Either way they are written once. Unset budgets take the tightest common fit.
+  `pixel_dtype`: bfloat16 for a bf16 model (the patch embedding rounds to it anyway: the same
+  result, half the host-to-device bytes and device memory).
   """
   vc, u = cfg.vision, cfg.vision.merge_unit
   pieces = [list(p) if isinstance(p, (list, tuple)) else [p] for p, _ in groups]
@@ -173,7 +176,7 @@ def grouped_vision_arrays(cfg: ModelConfig, groups, *, patch_budget: int | None 
     rows = max(layout.window_index.shape[0] for layout in layouts)
     layouts = [build_vision_layout(grids, vc, patch_budget=patch_budget, rows=rows, row_len=row_len)
                for _, grids in groups]
-  pixels = np.zeros((len(groups), patch_budget, vc.patch_dim), np.float32)
+  pixels = np.zeros((len(groups), patch_budget, vc.patch_dim), pixel_dtype)
   for g, ((_, grids), ps, layout) in enumerate(zip(groups, pieces, layouts)):
     arrays = [x for x in ps if isinstance(x, np.ndarray)]
     if sizes[g] != layout.num_patches or any(x.shape[1:] != (vc.patch_dim,) for x in arrays):
@@ -193,7 +196,8 @@ def grouped_vision_arrays(cfg: ModelConfig, groups, *, patch_budget: int | None 
 
 
 def build_grouped_inputs(cfg: ModelConfig, input_ids: np.ndarray, valid: np.ndarray, groups, *,
-                         seq_len: int, patch_budget: int, vision_rows: int, vision_row_len: int) -> ModelInputs:
+                         seq_len: int, patch_budget: int, vision_rows: int, vision_row_len: int,
+                         pixel_dtype=np.float32) -> ModelInputs:
   """The training path: images already grouped, [(list of per-image patches, grids)] per vision
   group of consecutive rows, in row order. No processor-style flattening, one pixel copy."""
   batch, length = input_ids.shape
@@ -213,4 +217,5 @@ def build_grouped_inputs(cfg: ModelConfig, input_ids: np.ndarray, valid: np.ndar
   return ModelInputs(
       input_ids=np.pad(input_ids, pad).astype(np.int32), token_valid=np.pad(valid, pad),
       positions=np.pad(positions, ((0, 0),) + pad), vision_token_index=np.pad(local, pad, constant_values=-1),
-      **grouped_vision_arrays(cfg, groups, patch_budget=patch_budget, rows=vision_rows, row_len=vision_row_len))
+      **grouped_vision_arrays(cfg, groups, patch_budget=patch_budget, rows=vision_rows, row_len=vision_row_len,
+                              pixel_dtype=pixel_dtype))

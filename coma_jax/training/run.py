@@ -43,7 +43,8 @@ class Run:
   def sequence_kw(self) -> dict:
     c = self.config
     kw = dict(num_compression_tokens=c.model.num_compression_tokens,
-              image=ImageSettings(min_pixels=c.data.min_pixels, max_pixels=c.data.max_pixels))
+              image=ImageSettings(min_pixels=c.data.min_pixels, max_pixels=c.data.max_pixels),
+              pixel_dtype=from_config.DTYPES[c.model.dtype])  # pixels travel in the compute dtype
     if not self.stage2:
       kw.update(label_mode=c.stage1.label_mode, multi_turn=c.stage1.multi_turn)
     return kw
