@@ -86,6 +86,41 @@ def test_splash_in_interpret_mode_equals_xla():
   _check_equal(fn, (1, 130, 130, 2, 2, 16), _segments([(1, 50), (2, 70), (0, 10)]), False)
 
 
+def test_splash_pads_to_a_block_it_accepts():
+  from coma_jax.model.attention_kernels import splash_attention
+  fn = lambda q, k, v, qs, ks, causal: splash_attention(q, k, v, qs, ks, causal=causal, interpret=True)
+  _check_equal(fn, (1, 600, 600, 1, 1, 8), _segments([(1, 590), (0, 10)]), True)  # pads to 640: 128-blocks
+
+
+@pytest.mark.parametrize('layout', ['right_padded', 'left_padded', 'two_frames'])
+def test_cudnn_path_with_the_kernel_emulated(monkeypatch, layout):
+  """cudnn_attention's own logic on CPU, with cuDNN swapped for JAX's XLA implementation of the
+  same call: lengths from segment ids, the blockwise fallback for other layouts, padding rows
+  zeroed by the fused branch only (which tells the branches apart)."""
+  from coma_jax.model.attention_kernels import cudnn_attention
+  real = jax.nn.dot_product_attention
+  monkeypatch.setattr(jax.nn, 'dot_product_attention',
+                      lambda *a, implementation=None, **kw: real(*a, implementation='xla', **kw))
+  seg, causal = {'right_padded': (_segments([(1, 50), (0, 14)], [(1, 64)]), True),
+                 'left_padded': (_segments([(0, 10), (1, 54)], [(1, 64)]), True),
+                 'two_frames': (_segments([(1, 30), (2, 30), (0, 4)], [(1, 64)]), False)}[layout]
+  rng = np.random.default_rng(0)
+  q, k, v, w = _qkv(rng, 2, 64, 64, 4, 2, 16)
+  valid = np.asarray(seg != 0)
+  w = w * valid[:, :, None, None]  # the loss reads real rows only, as the model's does
+  ours = lambda q, k, v: cudnn_attention(q, k, v, seg, seg, causal=causal)
+  ref = lambda q, k, v: attention(q, k, v, q_segment_ids=seg, kv_segment_ids=seg, causal=causal, impl='xla')
+  out, out_ref = jax.jit(ours)(q, k, v), jax.jit(ref)(q, k, v)
+  assert np.abs(np.asarray(out - out_ref))[valid].max() <= TOL
+  fused = layout == 'right_padded'
+  assert (np.abs(np.asarray(out))[~valid].max() == 0) == fused
+  loss = lambda fn: lambda q, k, v: (fn(q, k, v) * w).sum()
+  grads = jax.jit(jax.grad(loss(ours), argnums=(0, 1, 2)))(q, k, v)
+  grads_ref = jax.jit(jax.grad(loss(ref), argnums=(0, 1, 2)))(q, k, v)
+  for a, b in zip(grads, grads_ref):
+    assert np.abs(np.asarray(a - b)).max() <= TOL * max(1.0, float(np.abs(np.asarray(b)).max()))
+
+
 def test_prefix_lengths_accept_only_one_segment_then_padding():
   seg = _segments([(1, 5), (0, 3)], [(0, 8)], [(0, 2), (1, 6)], [(1, 3), (2, 5)], [(3, 8)])
   length, ok = _prefix_lengths(seg)
@@ -103,6 +138,8 @@ def test_auto_picks_by_backend_dtype_and_shape(caplog):
   for backend in ('gpu', 'tpu', 'cpu'):
     assert choose_implementation('auto', window, window, backend) == 'xla'
   assert choose_implementation('blockwise', window, window, 'gpu') == 'blockwise'
+  with pytest.raises(ValueError, match='needs a GPU'):
+    attention(big, big, big, impl='cudnn')  # not silently something else on this CPU
   with pytest.raises(ValueError, match='flash'):
     choose_implementation('flash', big, big)
   with caplog.at_level(logging.INFO, logger='coma_jax.attention'):

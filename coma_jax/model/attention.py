@@ -8,7 +8,8 @@ segment) and a causal flag, the form fused kernels take. Implementations:
   cudnn      GPU, bf16/fp16: cuDNN flash attention on right-padded rows, blockwise otherwise;
   splash     TPU splash attention (`attention_kernels.py`);
   auto       by backend, dtype and shape (below); it logs its choice once per call kind.
-A query row that sees no key gives zeros under every implementation.
+A query row that sees no key gives zeros under xla and blockwise (the model never makes one: its
+queries and keys share segment ids). Outputs at padding rows are unspecified with cudnn (zeros).
 """
 from __future__ import annotations
 
@@ -83,12 +84,15 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, *, q_segment_ids: jax.Ar
     return xla_attention(q, k, v, mask=segment_mask(q_segment_ids, kv_segment_ids, causal))
   if chosen == 'blockwise':
     return blockwise_attention(q, k, v, q_segment_ids, kv_segment_ids, causal=causal)
+  backend = jax.default_backend()
+  if chosen == 'cudnn' and backend != 'gpu' or chosen == 'splash' and backend != 'tpu':
+    raise ValueError(f'model.attention={chosen!r} needs a {"GPU" if chosen == "cudnn" else "TPU"}; this '
+                     f'backend is {backend}: use auto, blockwise or xla')
   if chosen == 'cudnn':
     if q.dtype not in _FUSED_DTYPES:  # cuDNN flash attention is bf16/fp16 only
       return blockwise_attention(q, k, v, q_segment_ids, kv_segment_ids, causal=causal)
     return cudnn_attention(q, k, v, q_segment_ids, kv_segment_ids, causal=causal)
-  return splash(q, k, v, q_segment_ids, kv_segment_ids, causal=causal,
-                interpret=jax.default_backend() != 'tpu')
+  return splash(q, k, v, q_segment_ids, kv_segment_ids, causal=causal, interpret=False)
 
 
 def splash(q, k, v, q_segment_ids, kv_segment_ids, *, causal: bool, interpret: bool):

@@ -63,7 +63,8 @@ def _splash_kernel(num_heads: int, t: int, s: int, causal: bool, interpret: bool
   from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_kernel as splash
   from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_mask as masks
   one = masks.CausalMask((t, s)) if causal else masks.FullMask((t, s))
-  bq, bkv = min(512, t), min(512, s)
+  # The largest block that divides the (128-padded) length: splash refuses any other.
+  bq, bkv = (next(b for b in (512, 256, 128) if n % b == 0) for n in (t, s))
   sizes = splash.BlockSizes(block_q=bq, block_kv=bkv, block_kv_compute=bkv, block_q_dkv=bq,
                             block_kv_dkv=bkv, block_kv_dkv_compute=bkv, block_q_dq=bq, block_kv_dq=bkv)
   return splash.make_splash_mha(masks.MultiHeadMask([one] * num_heads), head_shards=1, q_seq_shards=1,
