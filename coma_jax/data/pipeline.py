@@ -20,6 +20,7 @@ import numpy as np
 
 from coma_jax.data.bad_records import BadRecord, BadRecordLog, check_bad_fraction, guard_min_records
 from coma_jax.data.batching import Bucket, Needs, batch_stats, collate, needs_of, pick_bucket
+from coma_jax.data.packing import footprint
 from coma_jax.data.sampler import process_slice
 from coma_jax.model.config import ModelConfig
 from coma_jax.model.inputs import BATCH_AXIS
@@ -151,7 +152,10 @@ class GlobalBatchIterator:
     out = collate(examples, spec.model_config, bucket, spec.examples_per_group, spec.num_compression_tokens,
                   spec.pixel_dtype)
     out['example_ids'] = np.asarray(ids, np.int32)
-    return out, bucket, batch_stats(examples, bucket, spec.examples_per_group)
+    stats = batch_stats(examples, bucket, spec.examples_per_group)
+    # What each example needs of a row (host-side only: packing estimates, benchmarks).
+    stats['footprints'] = [footprint(e, spec.model_config) for e in examples if e is not None]
+    return out, bucket, stats
 
   def __next__(self) -> tuple[int, dict, BatchInfo]:
     item = next(self._it)
