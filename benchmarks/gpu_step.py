@@ -213,59 +213,42 @@ def _report_numbers(step_s, flops, tokens, valid_tokens, compile_s, loss, extra=
   return out
 
 
-def stage2_flops(model_config, batch: dict):
-  from coma_jax.training.flops import step_flops
-  total_model = total_exec = 0.0
-  for side, b in batch.items():
-    rows, length = b['inputs'].input_ids.shape
-    pixels = b['inputs'].pixel_patches
-    patches = 0 if pixels is None else int(np.prod(pixels.shape[:2]))
-    f = step_flops(model_config, sequences=rows, length=length, vision_patches=patches, full_remat=True,
-                   grad_cache=True, reused_vision=True)
-    total_model += f.model
-    total_exec += f.executed
-  from coma_jax.training.flops import StepFlops
-  return StepFlops(model=total_model, executed=total_exec)
-
-
-def run_jax_stage2(model_config, shape, attention_impl, dtype_name, setup=None):
+def run_jax_stage2(model_config, shape, attention_impl, dtype_name):
   import jax
+  from coma_jax.training.flops import batch_flops
   from coma_jax.training.stage2 import Stage2StepConfig, make_stage2_step
   cfg = Stage2StepConfig(chunks=shape['chunks'], attention_impl=attention_impl)
   batch = stage2_batch(model_config, shape, stage2_examples(shape))
-  setup = setup or build_setup(model_config, lambda g, tx: make_stage2_step(g, tx, cfg), attention_impl, dtype_name)
+  setup = build_setup(model_config, lambda g, tx: make_stage2_step(g, tx, cfg), attention_impl, dtype_name)
   placed = jax.device_put(batch)
   compiled, compile_s = _compile(setup, setup.state, placed)
   state, step_s, loss = _timed_steps(compiled, setup.state, placed, shape['steps'])
   tokens = sum(int(np.prod(b['inputs'].input_ids.shape)) for b in batch.values())
   valid = sum(int(np.asarray(b['inputs'].token_valid).sum()) for b in batch.values())
-  numbers = _report_numbers(step_s, stage2_flops(model_config, batch), tokens, valid, compile_s, loss,
+  flops = batch_flops(model_config, batch.values(), full_remat=True, grad_cache=True, reused_vision=True)
+  numbers = _report_numbers(step_s, flops, tokens, valid, compile_s, loss,
                             {'pairs': shape['pairs'], 'chunk_pairs': shape['pairs'] // shape['chunks'],
                              'lengths': {s: list(b['inputs'].input_ids.shape) for s, b in batch.items()},
                              'vision_patches_per_query': int(batch['query']['inputs'].pixel_patches.shape[1])})
   return numbers, state
 
 
-def run_jax_stage1(model_config, shape, attention_impl, dtype_name, params_from=None):
+def run_jax_stage1(model_config, shape, attention_impl, dtype_name):
   import jax
   from coma_jax.data.batching import Bucket, collate, example_slots
-  from coma_jax.training.flops import step_flops
+  from coma_jax.training.flops import batch_flops
   from coma_jax.training.stage1 import Stage1StepConfig, make_stage1_step
   examples = stage1_examples(shape)
   slots = max(example_slots(e.grids, model_config) for e in examples)
   labels = max(e.num_labels for e in examples)
   batch = collate(examples, model_config, Bucket(shape['s1_len'], slots, -(-labels // 64) * 64), 1, 32)
   cfg = Stage1StepConfig(micro_batches=shape['s1_micro'], attention_impl=attention_impl)
-  setup = build_setup(model_config, lambda g, tx: make_stage1_step(g, tx, cfg), attention_impl, dtype_name) \
-      if params_from is None else params_from(lambda g, tx: make_stage1_step(g, tx, cfg))
+  setup = build_setup(model_config, lambda g, tx: make_stage1_step(g, tx, cfg), attention_impl, dtype_name)
   placed = jax.device_put(batch)
   compiled, compile_s = _compile(setup, setup.state, placed)
   _, step_s, loss = _timed_steps(compiled, setup.state, placed, shape['steps'])
   rows, length = batch['inputs'].input_ids.shape
-  flops = step_flops(model_config, sequences=rows, length=length,
-                     vision_patches=int(np.prod(batch['inputs'].pixel_patches.shape[:2])),
-                     label_positions=int((np.asarray(batch['label_positions']) >= 0).sum()), paper_mask=True,
-                     full_remat=True)
+  flops = batch_flops(model_config, [batch], paper_mask=True, full_remat=True)
   return _report_numbers(step_s, flops, rows * length, int(np.asarray(batch['inputs'].token_valid).sum()), compile_s,
                          loss, {'rows': rows, 'length': length, 'micro_batches': shape['s1_micro'],
                                 'vision_patches_per_row': int(batch['inputs'].pixel_patches.shape[1])})
@@ -304,6 +287,7 @@ def part_torch(name: str, mode: str, out_dir: str) -> None:
   from peft import LoraConfig, get_peft_model
   from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
   from coma_jax.model.config import ModelConfig
+  from torch_grad_cache import two_pass_step
   shape = SHAPES[mode]
   path = hf_config_path(shape['models'][name])
   model_config = ModelConfig.from_json_file(path)
@@ -326,7 +310,7 @@ def part_torch(name: str, mode: str, out_dir: str) -> None:
   opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=5e-5, weight_decay=0.0)
   init_s = time.perf_counter() - start
   print(f'[{name}] model ready in {init_s:.0f} s', flush=True)
-  n, chunks = shape['pairs'], shape['chunks']
+  n, chunks = shape['pairs'], shape['chunks']  # chunks of consecutive rows
   chunk_rows = [list(range(c * n // chunks, (c + 1) * n // chunks)) for c in range(chunks)]
   tensors = {}
   for side, b in batch.items():
@@ -353,18 +337,7 @@ def part_torch(name: str, mode: str, out_dir: str) -> None:
     reps = torch.gather(hidden, 1, comp[..., None].expand(-1, -1, hidden.shape[-1])).float().mean(1)
     return F.normalize(reps, dim=-1)
 
-  def step():
-    opt.zero_grad(set_to_none=True)
-    with torch.no_grad():
-      reps = {s: torch.cat([encode(s, rows) for rows in chunk_rows]) for s in ('query', 'positive')}
-    leaves = {s: r.detach().requires_grad_(True) for s, r in reps.items()}
-    loss = F.cross_entropy(leaves['query'] @ leaves['positive'].T / 0.03, torch.arange(n, device=device))
-    loss.backward()
-    for s in ('query', 'positive'):
-      for rows in chunk_rows:
-        encode(s, rows).backward(leaves[s].grad[rows[0]:rows[-1] + 1])
-    opt.step()
-    return loss.item()
+  step = lambda: two_pass_step(encode, chunk_rows, opt, device=device)
 
   sync = torch.cuda.synchronize if cuda else (lambda: None)
   t0 = time.perf_counter()

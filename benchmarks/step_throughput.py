@@ -175,6 +175,7 @@ def torch_stage2_time(hf_dir, pairs, batch, steps, chunks, full_logits: bool):
   import torch.nn.functional as F
   from peft import LoraConfig, get_peft_model
   from transformers import Qwen2_5_VLForConditionalGeneration
+  from torch_grad_cache import two_pass_step
   model = Qwen2_5_VLForConditionalGeneration.from_pretrained(hf_dir, dtype=torch.float32)
   model.config._attn_implementation = 'sdpa'
   model = get_peft_model(model, LoraConfig(r=16, lora_alpha=64, lora_dropout=0.1, use_dora=True,
@@ -209,20 +210,7 @@ def torch_stage2_time(hf_dir, pairs, batch, steps, chunks, full_logits: bool):
     return F.normalize(reps, dim=-1)
 
   def run():
-    opt.zero_grad(set_to_none=True)
-    with torch.no_grad():
-      reps = {s: torch.cat([encode(s, rows) for rows in chunk_rows]) for s in ('query', 'positive')}
-    leaves = {s: r.detach().requires_grad_(True) for s, r in reps.items()}
-    scores = leaves['query'] @ leaves['positive'].T / 0.03
-    loss = F.cross_entropy(scores, torch.arange(n))
-    loss.backward()
-    for s in ('query', 'positive'):
-      start = 0
-      for rows in chunk_rows:
-        rep = encode(s, rows)
-        rep.backward(leaves[s].grad[start:start + len(rows)])
-        start += len(rows)
-    opt.step()
+    two_pass_step(encode, chunk_rows, opt)
   return time_it(run, steps)
 
 

@@ -106,10 +106,9 @@ def main(argv=None):
     print(f'  FLOPs per step (analytic, training/flops.py): model {flops.model:.3e} (MFU), executed '
           f'{flops.executed:.3e} (HFU; {flops.executed / n_devices:.3e} per device); XLA cost_analysis '
           f'{cost.get("flops", float("nan")):.3e} (counts each scan body once: not a step total)')
-    print(f'  attention {c.model.attention}' + (' (from auto)' if from_auto else '')
-          + (' (no L x L scores, as with the fused kernels)' if c.model.attention == 'blockwise'
-             else ' (keeps L x L scores)' if c.model.attention == 'xla' else '')
-          + '; not modelled on CPU: fused kernels\' workspace, GPU allocator fragmentation.')
+    scores = {'blockwise': ' (no L x L scores, as with the fused kernels)', 'xla': ' (keeps L x L scores)'}
+    print(f'  attention {c.model.attention}{" (from auto)" if from_auto else ""}{scores.get(c.model.attention, "")}; '
+          "not modelled on CPU: fused kernels' workspace, GPU allocator fragmentation.")
 
   app.run(run, argv=argv)
 

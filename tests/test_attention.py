@@ -138,6 +138,10 @@ def test_auto_picks_by_backend_dtype_and_shape(caplog):
   for backend in ('gpu', 'tpu', 'cpu'):
     assert choose_implementation('auto', window, window, backend) == 'xla'
   assert choose_implementation('blockwise', window, window, 'gpu') == 'blockwise'
+  assert choose_implementation('cudnn', big, big, 'gpu') == 'cudnn'
+  assert choose_implementation('cudnn', big.astype(jnp.float32), big, 'gpu') == 'blockwise'  # bf16/fp16 only
+  with pytest.raises(ValueError, match='needs a TPU'):
+    choose_implementation('splash', big, big, 'gpu')
   with pytest.raises(ValueError, match='needs a GPU'):
     attention(big, big, big, impl='cudnn')  # not silently something else on this CPU
   with pytest.raises(ValueError, match='flash'):

@@ -32,8 +32,8 @@ class PackedBucket:
 
 
 def footprint(example, model_config) -> Footprint:
-  return Footprint(len(example.tokens), example_slots(example.grids, model_config) if example.grids else 0,
-                   example.num_patches, example.num_labels)
+  return Footprint(len(example.tokens), example_slots(example.grids, model_config), example.num_patches,
+                   example.num_labels)
 
 
 def first_fit_decreasing(footprints: Sequence[Footprint], keys: Sequence[int], *, seq_len: int,

@@ -20,6 +20,8 @@ import jax.numpy as jnp
 
 from coma_jax.model.attention_blockwise import blockwise_attention
 from coma_jax.model.attention_kernels import cudnn_attention, splash_attention
+from coma_jax.parallel import activations
+from coma_jax.parallel.rules import mesh_axes_for
 
 IMPLEMENTATIONS = ('auto', 'xla', 'blockwise', 'cudnn', 'splash')
 # `auto` keeps small calls on XLA: the vision tower's 64-slot windows (64 x 64 scores) and short
@@ -37,9 +39,14 @@ def choose_implementation(impl: str, q: jax.Array, k: jax.Array, backend: str | 
   """The implementation `impl` resolves to for these shapes on `backend` (default: JAX's)."""
   if impl not in IMPLEMENTATIONS:
     raise ValueError(f'Unknown attention implementation {impl!r}; available: {IMPLEMENTATIONS}')
+  backend = backend or jax.default_backend()
+  if impl in ('cudnn', 'splash') and backend != {'cudnn': 'gpu', 'splash': 'tpu'}[impl]:
+    raise ValueError(f'model.attention={impl!r} needs a {"GPU" if impl == "cudnn" else "TPU"}; this '
+                     f'backend is {backend}: use auto, blockwise or xla')
+  if impl == 'cudnn' and q.dtype not in _FUSED_DTYPES:  # cuDNN flash attention is bf16/fp16 only
+    return 'blockwise'
   if impl != 'auto':
     return impl
-  backend = backend or jax.default_backend()
   scores = q.shape[1] * k.shape[1]
   if scores <= SMALL_SCORES:
     return 'xla'
@@ -84,27 +91,14 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, *, q_segment_ids: jax.Ar
     return xla_attention(q, k, v, mask=segment_mask(q_segment_ids, kv_segment_ids, causal))
   if chosen == 'blockwise':
     return blockwise_attention(q, k, v, q_segment_ids, kv_segment_ids, causal=causal)
-  backend = jax.default_backend()
-  if chosen == 'cudnn' and backend != 'gpu' or chosen == 'splash' and backend != 'tpu':
-    raise ValueError(f'model.attention={chosen!r} needs a {"GPU" if chosen == "cudnn" else "TPU"}; this '
-                     f'backend is {backend}: use auto, blockwise or xla')
   if chosen == 'cudnn':
-    if q.dtype not in _FUSED_DTYPES:  # cuDNN flash attention is bf16/fp16 only
-      return blockwise_attention(q, k, v, q_segment_ids, kv_segment_ids, causal=causal)
     return cudnn_attention(q, k, v, q_segment_ids, kv_segment_ids, causal=causal)
-  return splash(q, k, v, q_segment_ids, kv_segment_ids, causal=causal, interpret=False)
-
-
-def splash(q, k, v, q_segment_ids, kv_segment_ids, *, causal: bool, interpret: bool):
-  """Splash, under `shard_map` over the batch axes when a train step's mesh is active."""
-  from coma_jax.parallel import activations
-  from coma_jax.parallel.rules import mesh_axes_for
-  mesh = batch_axes = None
-  if activations._current:
-    mesh, rules = activations._current[-1]
+  # Splash runs under shard_map over the batch's mesh axes while a train step is traced.
+  mesh, batch_axes = None, None
+  if (step := activations.active()) is not None:
+    mesh, rules = step
     batch_axes = mesh_axes_for(('batch',), q.shape[:1], rules, mesh)[0]
-  return splash_attention(q, k, v, q_segment_ids, kv_segment_ids, causal=causal, interpret=interpret,
-                          mesh=mesh, batch_axes=batch_axes)
+  return splash_attention(q, k, v, q_segment_ids, kv_segment_ids, causal=causal, mesh=mesh, batch_axes=batch_axes)
 
 
 def segment_mask(q_segment_ids, kv_segment_ids, causal: bool) -> jax.Array:

@@ -32,7 +32,8 @@ def block_sizes(t: int, s: int, block: int | None = None) -> tuple[int, int]:
   return min(block, _round_up(t, 8)), min(block, _round_up(s, 8))
 
 
-def _pad(x: jax.Array, length: int, value) -> jax.Array:
+def pad_rows(x: jax.Array, length: int, value) -> jax.Array:
+  """x (B, L, ...) padded along L to `length` with `value`."""
   extra = length - x.shape[1]
   if not extra:
     return x
@@ -171,9 +172,9 @@ def blockwise_attention(q: jax.Array, k: jax.Array, v: jax.Array, q_segment_ids:
   s_len, kv_heads = k.shape[1], k.shape[2]
   bq, bk = block_sizes(t, s_len, block)
   t_pad, s_pad = _round_up(t, bq), _round_up(s_len, bk)
-  qg = _pad(q.reshape(b, t, kv_heads, n // kv_heads, d), t_pad, 0)
-  k, v = _pad(k, s_pad, 0), _pad(v, s_pad, 0)
-  q_seg = _pad(q_segment_ids.astype(jnp.int32), t_pad, _PAD_Q)
-  k_seg = _pad(kv_segment_ids.astype(jnp.int32), s_pad, _PAD_KV)
+  qg = pad_rows(q.reshape(b, t, kv_heads, n // kv_heads, d), t_pad, 0)
+  k, v = pad_rows(k, s_pad, 0), pad_rows(v, s_pad, 0)
+  q_seg = pad_rows(q_segment_ids.astype(jnp.int32), t_pad, _PAD_Q)
+  k_seg = pad_rows(kv_segment_ids.astype(jnp.int32), s_pad, _PAD_KV)
   out = _flash(qg, k, v, q_seg, k_seg, causal, bq, bk, d ** -0.5)
   return out[:, :t].reshape(b, t, n, d)

@@ -20,7 +20,7 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
 
-from coma_jax.model.attention_blockwise import blockwise_attention
+from coma_jax.model.attention_blockwise import blockwise_attention, pad_rows
 
 _SPLASH_BLOCK = 128
 
@@ -52,12 +52,6 @@ def cudnn_attention(q, k, v, q_segment_ids, kv_segment_ids, *, causal: bool) -> 
   return jax.lax.cond(fits, fused, fallback, q, k, v)
 
 
-def _pad_to(x: jax.Array, length: int, value) -> jax.Array:
-  widths = [(0, 0)] * x.ndim
-  widths[1] = (0, length - x.shape[1])
-  return jnp.pad(x, widths, constant_values=value) if length > x.shape[1] else x
-
-
 def _splash_kernel(num_heads: int, t: int, s: int, causal: bool, interpret: bool):
   # Built per trace, not cached: the kernel holds arrays, and one made under a trace must not leak.
   from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_kernel as splash
@@ -87,10 +81,10 @@ def splash_attention(q, k, v, q_segment_ids, kv_segment_ids, *, causal: bool, in
   t_pad, s_pad = (-(-x // _SPLASH_BLOCK) * _SPLASH_BLOCK for x in (t, s))
   # Padding rows and columns share segment -1: padded queries see padded keys, so no row of the
   # kernel is empty (an empty row's 0/0 would poison the backward pass); real ids are >= 0.
-  q_seg = _pad_to(q_segment_ids.astype(jnp.int32), t_pad, -1)
-  kv_seg = _pad_to(kv_segment_ids.astype(jnp.int32), s_pad, -1)
-  q = _pad_to(q * jnp.asarray(d ** -0.5, q.dtype), t_pad, 0)
-  k, v = _pad_to(k, s_pad, 0), _pad_to(v, s_pad, 0)
+  q_seg = pad_rows(q_segment_ids.astype(jnp.int32), t_pad, -1)
+  kv_seg = pad_rows(kv_segment_ids.astype(jnp.int32), s_pad, -1)
+  q = pad_rows(q * jnp.asarray(d ** -0.5, q.dtype), t_pad, 0)
+  k, v = pad_rows(k, s_pad, 0), pad_rows(v, s_pad, 0)
   local = functools.partial(_splash_local, causal=causal, interpret=interpret)
   if mesh is not None and batch_axes:
     spec4, spec2 = P(batch_axes, None, None, None), P(batch_axes, None)

@@ -26,6 +26,11 @@ def activation_sharding(mesh: Mesh, rules: Mapping):
     _current.pop()
 
 
+def active() -> tuple[Mesh, Mapping] | None:
+  """The (mesh, rules) of the train step being traced, or None outside one."""
+  return _current[-1] if _current else None
+
+
 def constrain(x: jax.Array, names: Sequence[str | None]) -> jax.Array:
   if not _current:
     return x

@@ -77,3 +77,19 @@ def step_flops(model_config, *, sequences: int, length: int, vision_patches: int
   if grad_cache:
     executed += text + attn + (0 if reused_vision else vision)
   return StepFlops(model=model, executed=executed)
+
+
+def batch_flops(model_config, sides, *, processes: int = 1, **options) -> StepFlops:
+  """`step_flops` of one step over collated sides (a stage-1 batch is one side; each stage-2 side
+  at its own length), `processes` of them alike. Padded tokens, patches and label slots count: they
+  are computed (the padding waste is its own metric). `options`: step_flops' flags."""
+  model = executed = 0.0
+  for side in sides:
+    ids, pixels = side['inputs'].input_ids, side['inputs'].pixel_patches
+    rows = ids.shape[0] * processes
+    f = step_flops(model_config, sequences=rows, length=ids.shape[1],
+                   vision_patches=0 if pixels is None else pixels.shape[0] * pixels.shape[1] * processes,
+                   label_positions=rows * side['label_positions'].shape[1] if 'label_positions' in side else 0,
+                   **options)
+    model, executed = model + f.model, executed + f.executed
+  return StepFlops(model=model, executed=executed)

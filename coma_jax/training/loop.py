@@ -22,7 +22,7 @@ from coma_jax.data.pipeline import to_global
 from coma_jax.model.inputs import BATCH_AXIS
 from coma_jax.parallel.rules import batch_sharding
 from coma_jax.training import from_config, workdir as workdirs
-from coma_jax.training.flops import StepFlops, device_peak_flops, step_flops
+from coma_jax.training.flops import batch_flops, device_peak_flops
 from coma_jax.training.metrics_writer import MetricsWriter
 from coma_jax.training.optim import schedule
 from coma_jax.training.preemption import Preemption
@@ -96,24 +96,14 @@ class Progress:
 
 
 def _flops(run: Run, batch: dict):
-  """Model and executed FLOPs of this step's batch (every side of a stage-2 pair at its own
-  length). Padded tokens count: they are computed (the padding waste is its own metric)."""
+  """Model and executed FLOPs of this step's batch, over every process."""
   c = run.config
   sides = [batch[s] for s in from_config.sides(c)] if run.stage2 else [batch]
-  total = None
-  for side in sides:
-    ids, pixels = side['inputs'].input_ids, side['inputs'].pixel_patches
-    rows = ids.shape[0] * jax.process_count()
-    patches = 0 if pixels is None else pixels.shape[0] * pixels.shape[1] * jax.process_count()
-    vision_trains = c.trainable.vision or c.trainable.full
-    f = step_flops(run.model_config, sequences=rows, length=ids.shape[1], vision_patches=patches,
-                   label_positions=0 if run.stage2 else rows * side['label_positions'].shape[1],
-                   llm_trains=c.trainable.full, vision_trains=vision_trains,
-                   paper_mask=not run.stage2 and c.stage1.mask == 'paper', full_remat=c.model.remat == 'full',
-                   grad_cache=run.stage2 and c.stage2.chunks > 1,
-                   reused_vision=run.stage2 and c.stage2.reuse_frozen_vision and not vision_trains)
-    total = f if total is None else StepFlops(total.model + f.model, total.executed + f.executed)
-  return total
+  vision_trains = c.trainable.vision or c.trainable.full
+  return batch_flops(run.model_config, sides, processes=jax.process_count(), llm_trains=c.trainable.full,
+                     vision_trains=vision_trains, paper_mask=not run.stage2 and c.stage1.mask == 'paper',
+                     full_remat=c.model.remat == 'full', grad_cache=run.stage2 and c.stage2.chunks > 1,
+                     reused_vision=run.stage2 and c.stage2.reuse_frozen_vision and not vision_trains)
 
 
 def _collapse_warning(run: Run, loss: float, history: list) -> None:

@@ -7,8 +7,8 @@ import dataclasses
 from typing import Any, Callable
 
 import jax
-import optax
 import jax.numpy as jnp
+import optax
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
