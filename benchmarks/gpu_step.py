@@ -85,17 +85,23 @@ def stage2_examples(shape: dict, seed: int = 0) -> dict:
   return sides
 
 
+def row_sets_of(batch: dict) -> list:
+  from coma_jax.training.stage2 import row_sets
+  return [batch[name] for name in row_sets(batch)]
+
+
 def stage2_batch(model_config, shape: dict, sides: dict) -> dict:
-  from coma_jax.data.batching import Bucket, collate, example_slots
+  from coma_jax.data.batching import Bucket, example_slots
+  from coma_jax.data.step_batches import BatchSpec, step_batch
   slots = max(example_slots([im.grid for im in e.images], model_config) for e in sides['query'])
   lens = {'query': shape['query_len'], 'positive': shape['positive_len']}
-  out = {}
   for side, examples in sides.items():
     longest = max(len(e.tokens) for e in examples)
     assert longest <= lens[side], f'{side}: {longest} tokens > bucket {lens[side]}'
-    out[side] = collate(examples, model_config, Bucket(lens[side], slots if side == 'query' else 0, 0), 1,
-                        len(COMPRESSION_IDS))
-  return out
+  buckets = [Bucket(lens['positive'], 0, 0), Bucket(lens['query'], slots, 0)]  # text-only positives, image queries
+  per_example = [dict(zip(sides, row)) for row in zip(*sides.values())]
+  return step_batch(BatchSpec(model_config, buckets, 1, len(COMPRESSION_IDS), sides=tuple(sides)), per_example,
+                    range(len(per_example)))[0]
 
 
 def stage1_examples(shape: dict, seed: int = 1):
@@ -223,12 +229,12 @@ def run_jax_stage2(model_config, shape, attention_impl, dtype_name):
   placed = jax.device_put(batch)
   compiled, compile_s = _compile(setup, setup.state, placed)
   state, step_s, loss = _timed_steps(compiled, setup.state, placed, shape['steps'])
-  tokens = sum(int(np.prod(b['inputs'].input_ids.shape)) for b in batch.values())
-  valid = sum(int(np.asarray(b['inputs'].token_valid).sum()) for b in batch.values())
-  flops = batch_flops(model_config, batch.values(), full_remat=True, grad_cache=True, reused_vision=True)
+  tokens = sum(int(np.prod(b['inputs'].input_ids.shape)) for b in row_sets_of(batch))
+  valid = sum(int(np.asarray(b['inputs'].token_valid).sum()) for b in row_sets_of(batch))
+  flops = batch_flops(model_config, row_sets_of(batch), full_remat=True, grad_cache=True, reused_vision=True)
   numbers = _report_numbers(step_s, flops, tokens, valid, compile_s, loss,
                             {'pairs': shape['pairs'], 'chunk_pairs': shape['pairs'] // shape['chunks'],
-                             'lengths': {s: list(b['inputs'].input_ids.shape) for s, b in batch.items()},
+                             'lengths': {s: list(b['inputs'].input_ids.shape) for s, b in batch.items() if s != 'example_ids'},
                              'vision_patches_per_query': int(batch['query']['inputs'].pixel_patches.shape[1])})
   return numbers, state
 
@@ -313,10 +319,10 @@ def part_torch(name: str, mode: str, out_dir: str) -> None:
   n, chunks = shape['pairs'], shape['chunks']  # chunks of consecutive rows
   chunk_rows = [list(range(c * n // chunks, (c + 1) * n // chunks)) for c in range(chunks)]
   tensors = {}
-  for side, b in batch.items():
+  for side, b in ((s, b) for s, b in batch.items() if s != 'example_ids'):
     ids = torch.as_tensor(np.asarray(b['inputs'].input_ids, np.int64))
     tensors[side] = dict(ids=ids, mask=torch.as_tensor(np.asarray(b['inputs'].token_valid, np.int64)),
-                         comp=torch.as_tensor(np.asarray(b['compression_positions'], np.int64)))
+                         comp=torch.as_tensor(np.asarray(b['compression_positions'], np.int64)[:, 0]))
 
   takes_token_types = 'mm_token_type_ids' in inspect.signature(inner.model.forward).parameters
 
@@ -351,7 +357,7 @@ def part_torch(name: str, mode: str, out_dir: str) -> None:
     sync()
     times.append(time.perf_counter() - t0)
   step_s = statistics.median(times)
-  tokens = sum(int(np.prod(b['inputs'].input_ids.shape)) for b in batch.values())
+  tokens = sum(int(np.prod(b['inputs'].input_ids.shape)) for b in row_sets_of(batch))
   peak_mem = torch.cuda.max_memory_allocated() / 2**30 if cuda else None
   dev = torch.cuda.get_device_name() if cuda else 'cpu'
   write(out_dir, f'{name}_stage2', {'step_s': step_s, 'tokens_per_s': tokens / step_s, 'peak_memory_gib': peak_mem,

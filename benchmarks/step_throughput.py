@@ -145,7 +145,8 @@ def build_pairs(batch: int, length: int, seed: int = 1):
 def jax_stage2_time(hf_dir, pairs, length, steps, chunks):
   import jax
   from flax import nnx
-  from coma_jax.data.batching import Bucket, collate
+  from coma_jax.data.batching import Bucket
+  from coma_jax.data.step_batches import BatchSpec, step_batch
   from coma_jax.hf import load_pretrained
   from coma_jax.model.lora import AdapterConfig, apply_adapters
   from coma_jax.parallel.mesh import make_mesh
@@ -155,7 +156,9 @@ def jax_stage2_time(hf_dir, pairs, length, steps, chunks):
   from coma_jax.training.stage2 import Stage2StepConfig, make_stage2_step
   model = load_pretrained(hf_dir)
   apply_adapters(model, AdapterConfig(rank=16, alpha=64, dropout=0.1), nnx.Rngs(0))
-  batch = {s: collate(ex, model.config, Bucket(length, 256, 0), 1, 32) for s, ex in pairs.items()}
+  per_example = [dict(zip(pairs, row)) for row in zip(*pairs.values())]
+  batch = step_batch(BatchSpec(model.config, [Bucket(length, 256, 0)], 1, 32, sides=tuple(pairs)), per_example,
+                     range(len(per_example)))[0]
   cfg = Stage2StepConfig(chunks=chunks)
   setup = build_train_setup(model, make_mesh((1, 1, 1), jax.devices()[:1]), lambda g, tx: make_stage2_step(g, tx, cfg),
                             rules=rules_dict(()), optim=OptimConfig(total_steps=100), trainable=TrainableConfig())
@@ -194,7 +197,7 @@ def torch_stage2_time(hf_dir, pairs, batch, steps, chunks, full_logits: bool):
       kw.update(pixel_values=torch.as_tensor(np.concatenate([im.patches() for im in images])),
                 image_grid_thw=torch.as_tensor(np.array([im.grid for im in images])),
                 mm_token_type_ids=(ids == 151655).long())
-    return kw, torch.as_tensor(np.asarray(side['compression_positions'], np.int64))[rows]
+    return kw, torch.as_tensor(np.asarray(side['compression_positions'], np.int64)[:, 0])[rows]
 
   n = len(pairs['query'])
   chunk_rows = [list(range(c, n, chunks)) for c in range(chunks)]

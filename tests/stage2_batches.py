@@ -3,7 +3,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from coma_jax.data.batching import Bucket, collate
+from coma_jax.data.batching import Bucket
+from coma_jax.data.step_batches import BatchSpec, step_batch
 from coma_jax.data.image import ImageSettings, ResizedImage
 from coma_jax.data.sequences import IGNORE, ROLE_COMPRESSION, ROLE_PREFIX, Example
 from tests.tiny_models import IMAGE, V_END, V_START
@@ -28,9 +29,12 @@ def side(rng, name, image: bool, text_len: int) -> Example:
 def pair_batch(cfg, rows=8, seed=0, negatives=False, bucket=Bucket(48, 128, 0), invalid=(), images=True):
   rng = np.random.default_rng(seed)
   names = ('query', 'positive', 'negative') if negatives else ('query', 'positive')
-  out = {}
-  for n in names:
-    exs = [None if (i in invalid and n != 'query') else side(rng, f'{n}{i}', image=images and (i + len(n)) % 2 == 0,
-                                                             text_len=int(rng.integers(3, 12))) for i in range(rows)]
-    out[n] = collate(exs, cfg, bucket, 1, K)
-  return out
+  sides = {n: [None if (i in invalid and n != 'query') else side(rng, f'{n}{i}', image=images and (i + len(n)) % 2 == 0,
+                                                                text_len=int(rng.integers(3, 12))) for i in range(rows)]
+           for n in names}
+  return step_batch(BatchSpec(cfg, [bucket], 1, K, sides=names), by_example(sides), range(rows))[0]
+
+
+def by_example(sides: dict) -> list[dict]:
+  """{side: [example per row]} -> [{side: example} per example], as the loaders' workers give them."""
+  return [dict(zip(sides, row)) for row in zip(*sides.values())]

@@ -90,6 +90,6 @@ def test_collate_never_raises_on_validated_examples(tok, stage):
     batch = collate(rows, cfg, bucket, per_group, K)
     used.add(bucket)
     assert batch['example_valid'].tolist() == [r is not None for r in rows]
-    assert (batch['roles'][np.arange(len(rows))[:, None], batch['compression_positions']][
+    assert (batch['roles'][np.arange(len(rows))[:, None], batch['compression_positions'][:, 0]][
         batch['example_valid']] == 2).all()
   assert len(used) >= 2  # the combinations reach more than one bucket

@@ -63,7 +63,7 @@ def test_outputs_and_gradients_equal_peft(dora):
   def loss(adapters):
     model = nnx.merge(graphdef, adapters, rest)
     hidden = model.hidden_states(inputs)
-    num, den, _ = stage1_loss_terms(model, hidden, b['label_positions'], b['label_targets'], 'token_mean')
+    num, den, _ = stage1_loss_terms(model, hidden, b, 'token_mean')
     return num / den, model.logits(hidden)
 
   (value, logits), grads = jax.value_and_grad(loss, has_aux=True)(adapters)
@@ -95,20 +95,26 @@ def test_merging_gives_the_same_outputs():
   assert np.abs(before - after)[valid].max() <= 1e-5
 
 
-def test_dropout_is_per_row_and_only_on_the_adapter_path():
+def test_dropout_is_per_token_and_only_on_the_adapter_path():
   base = Linear(6, 5, axes=('embed', 'mlp'), hook='text.q_proj', use_bias=True, rngs=nnx.Rngs(0))
   adapter = AdapterLinear(base, AdapterConfig(rank=2, alpha=4, dropout=0.5, dora=True), nnx.Rngs(1))
   adapter.lora_b.value = jax.random.normal(jax.random.key(2), adapter.lora_b.shape)
   x = jax.random.normal(jax.random.key(3), (3, 4, 6))
-  keys = DropoutContext.for_rows(jax.random.key(4), jnp.arange(3))
+  keys = DropoutContext.for_rows(jax.random.key(4), jnp.arange(3), 4)
   y = adapter(x, keys)
   # Row 1 alone, with its own key, gives the same output: masks do not depend on the batch.
   np.testing.assert_allclose(adapter(x[1:2], DropoutContext(keys.keys[1:2]))[0], y[1], rtol=1e-5, atol=1e-6)
+  # Row 2's tokens 1..3 moved to offsets 0..2 of another row (as packing places them) with the
+  # same (sequence id, offset) keys draw the same masks.
+  moved = DropoutContext.for_tokens(jax.random.key(4), jnp.full((1, 3), 2), jnp.arange(1, 4)[None])
+  np.testing.assert_allclose(adapter(x[2:3, 1:], moved)[0], y[2, 1:], rtol=1e-5, atol=1e-6)
+  assert not np.allclose(adapter(x[2:3, 1:], DropoutContext.for_rows(jax.random.key(4), jnp.array([2]), 3))[0],
+                         y[2, 1:], atol=1e-3)  # other offsets: other masks
   # peft's formula, with the mask the adapter draws for this hook.
   w, bias = base.kernel[...], base.bias[...]
   a, bb, m = adapter.lora_a[...], adapter.lora_b[...], adapter.magnitude[...]
   salt = _hook_salt('text.q_proj')
-  mask = jax.vmap(lambda k, xr: jax.random.bernoulli(jax.random.fold_in(k, salt), 0.5, xr.shape))(keys.keys, x)
+  mask = jax.vmap(jax.vmap(lambda k, xt: jax.random.bernoulli(jax.random.fold_in(k, salt), 0.5, xt.shape)))(keys.keys, x)
   xd = jnp.where(mask, x / 0.5, 0)
   norm = jnp.linalg.norm(w + 2.0 * a @ bb, axis=0)
   expected = x @ w + bias + (m / norm - 1) * (xd @ w) + (m / norm) * 2.0 * (xd @ a @ bb)

@@ -21,11 +21,11 @@ def test_decomposition_equals_the_explicit_mask(models):
   _, model, _ = models
   b, _ = batch(model.config)
   inputs = b['inputs']
-  run = jax.jit(lambda inputs, roles, index, slot: (
-      model.hidden_states(inputs, paper_attend(inputs.token_valid, index, slot)),
-      model.hidden_states(inputs, reference_attend(roles, inputs.token_valid)),
+  run = jax.jit(lambda inputs, roles, index, slot, segment: (
+      model.hidden_states(inputs, paper_attend(inputs.segments, index, slot, segment)),
+      model.hidden_states(inputs, reference_attend(roles, inputs.segments)),
       model.hidden_states(inputs)))
-  paper, reference, causal = run(inputs, b['roles'], b['split_index'], b['split_slot'])
+  paper, reference, causal = run(inputs, b['roles'], b['split_index'], b['split_slot'], b['split_segment'])
   valid = inputs.token_valid
   assert np.abs(np.asarray(paper - reference))[valid].max() <= 1e-5
   dialogue = b['roles'] == 3
@@ -60,7 +60,7 @@ def test_key_value_substitution_makes_dialogue_logits_bit_identical(models):
       return inner(layer, q, k.at[:, comp].set(ka), v.at[:, comp].set(va))
     return attend
 
-  paper = lambda b: paper_attend(b['inputs'].token_valid, b['split_index'], b['split_slot'])
+  paper = lambda b: paper_attend(b['inputs'].segments, b['split_index'], b['split_slot'], b['split_segment'])
   ha = model.hidden_states(ba['inputs'], recording(paper(ba)))
   hb = model.hidden_states(bb['inputs'], substituting(paper(bb)))
   dialogue = ba['roles'][0] == 3
@@ -75,7 +75,7 @@ def test_causal_mode_loss_equals_transformers(models):
   b, examples = batch(model.config)
   inputs = b['inputs']
   hidden = model.hidden_states(inputs, stage1_attend('causal', b))
-  numerator, denominator, _ = stage1_loss_terms(model, hidden, b['label_positions'], b['label_targets'], 'token_mean')
+  numerator, denominator, _ = stage1_loss_terms(model, hidden, b, 'token_mean')
   ours = float(numerator / denominator)
   pixels = np.concatenate([img.patches() for e in examples for img in e.images])
   grids = np.array([g for e in examples for g in e.grids])
@@ -86,5 +86,5 @@ def test_causal_mode_loss_equals_transformers(models):
              mm_token_type_ids=(ids == IMAGE).long(), labels=torch.as_tensor(b['labels'].astype(np.int64)))
   assert abs(ours - float(out.loss)) <= 1e-4, (ours, float(out.loss))
   # The reference normalisation (mean of per-example means) differs when examples differ in length.
-  num_e, den_e, _ = stage1_loss_terms(model, hidden, b['label_positions'], b['label_targets'], 'example_mean')
+  num_e, den_e, _ = stage1_loss_terms(model, hidden, b, 'example_mean')
   assert abs(float(num_e / den_e) - ours) > 1e-6

@@ -194,8 +194,7 @@ def test_dropout_masks_follow_the_example_not_its_row():
   params = jax.tree.unflatten(tree, [x + 0.05 * jax.random.normal(k, x.shape) for x, k in zip(leaves, keys)])
 
   def loss(rows, ids):
-    b = dict(collate([examples[i] for i in rows], model.config, Bucket(64, 128, 16), 1, K),
-             example_ids=np.asarray(ids, np.int32))
+    b = collate([examples[i] for i in rows], model.config, Bucket(64, 128, 16), 1, K, sequence_ids=ids)
     return float(fn(params, setup.state.frozen, b, KEY)[0])
 
   in_order = loss(np.arange(8), np.arange(8))

@@ -93,61 +93,131 @@ def pick_bucket(buckets: Sequence[Bucket], needs: Needs) -> Bucket:
 
 
 def collate(examples: Sequence[Example | None], cfg: ModelConfig, bucket: Bucket,
-            examples_per_group: int, num_compression_tokens: int, pixel_dtype=np.float32) -> dict:
-  """Pads examples (None = a skipped bad record: an all-padding row) into one static batch.
-
-  Returns numpy arrays only (a pytree whose structure is fixed by the bucket, so it goes into a
-  jitted step as it is): 'inputs' (ModelInputs), 'roles', 'labels' (HF style, IGNORE = -100),
-  'label_positions' / 'label_targets' (B, label_slots): the positions whose logits predict a
-  supervised token and that token (-1 = padding), 'compression_positions' (B, K),
-  'example_valid' (B,), 'split_index' / 'split_slot' (the stage-1 mask's gathers). Host-side
-  statistics are `batch_stats`. `pixel_dtype`: the pixel patches' (the model's compute dtype).
-  """
-  b, length, k = len(examples), bucket.seq_len, num_compression_tokens
+            examples_per_group: int, num_compression_tokens: int, pixel_dtype=np.float32,
+            sequence_ids=None, rep_index=None) -> dict:
+  """Unpacked: example i (None = a skipped bad record: an all-padding row) alone in row i, and
+  `examples_per_group` rows share one vision group. See `collate_rows` for the arrays;
+  `sequence_ids` default to the row numbers, `rep_index` to the row numbers."""
+  b = len(examples)
   if b % examples_per_group:
     raise ValueError(f'{b} examples do not split into groups of {examples_per_group}')
+  real = [e for e in examples if e is not None]
+  rows, n = [], 0
+  for e in examples:
+    rows.append([] if e is None else [n])
+    n += e is not None
+  pick = lambda values, default: [int(v) for v, e in zip(default if values is None else values, examples)
+                                  if e is not None]
+  return collate_rows(real, rows, cfg, seq_len=bucket.seq_len, vision_slots=bucket.vision_slots,
+                      label_slots=bucket.label_slots, rows_per_group=examples_per_group,
+                      num_compression_tokens=num_compression_tokens, sequence_ids=pick(sequence_ids, range(b)),
+                      rep_index=pick(rep_index, range(b)), slots_per_row=1, pixel_dtype=pixel_dtype)
+
+
+def collate_rows(examples: Sequence[Example], rows: Sequence[Sequence[int]], cfg: ModelConfig, *, seq_len: int,
+                 vision_slots: int, label_slots: int, rows_per_group: int, num_compression_tokens: int,
+                 sequence_ids: Sequence[int], rep_index: Sequence[int], slots_per_row: int,
+                 pixel_dtype=np.float32) -> dict:
+  """Examples placed into rows (`rows[r]`: indices into `examples`, in order; [] = a padding row)
+  as one static batch. Every example keeps its own positions (M-RoPE restarts at 0), attention
+  segment, labels and stage-1 tail; `rows_per_group` consecutive rows share a vision group of
+  `vision_slots` slots (its patch budget), with each image's windows its own.
+
+  Returns numpy arrays only (a pytree whose structure is fixed by the shapes, so it goes into a
+  jitted step as it is): 'inputs' (ModelInputs, with segment_ids), 'roles', 'labels' (HF style,
+  IGNORE = -100), 'label_positions' / 'label_targets' (B, label_slots): the positions whose logits
+  predict a supervised token and that token (-1 = padding), 'label_counts' (B, label_slots): the
+  supervised tokens of that label's example (for per-example means), 'labelled_examples' (B,):
+  examples with labels per row, 'compression_positions' (B, slots_per_row, K) and 'rep_index'
+  (B, slots_per_row): where each sequence's K tokens are and which representation they make (-1 =
+  empty slot), 'example_valid' (B,): the row holds an example, 'split_index' / 'split_slot' /
+  'split_segment' (the stage-1 mask's second call), 'token_ids' / 'token_offsets' (B, L): each
+  token's sequence id and offset in it (dropout keys). `pixel_dtype`: the pixel patches'.
+  """
+  b, length, k = len(rows), seq_len, num_compression_tokens
+  if b % rows_per_group:
+    raise ValueError(f'{b} rows do not split into vision groups of {rows_per_group}')
   ids = np.zeros((b, length), np.int64)
   mask = np.zeros((b, length), bool)
+  segments = np.zeros((b, length), np.int32)
+  positions = np.zeros((3, b, length), np.int64)
   roles = np.full((b, length), ROLE_PAD, np.int8)
   labels = np.full((b, length), IGNORE, np.int32)
-  label_positions = np.full((b, bucket.label_slots), -1, np.int32)
-  label_targets = np.full((b, bucket.label_slots), -1, np.int32)
-  compression = np.zeros((b, k), np.int32)
-  valid = np.zeros(b, bool)
-  for row, ex in enumerate(examples):
-    if ex is None:
-      continue
-    n = len(ex.tokens)
-    if n > length:
-      raise ValueError(f'example {ex.id!r} has {n} tokens, more than the bucket length {length}')
-    ids[row, :n], mask[row, :n], roles[row, :n], labels[row, :n] = ex.tokens, True, ex.roles, ex.labels
-    supervised = np.flatnonzero(ex.labels != IGNORE)
-    supervised = supervised[supervised > 0]  # token 0 has no preceding position to predict it
-    if len(supervised) > bucket.label_slots and bucket.label_slots:
-      raise ValueError(f'example {ex.id!r} has {len(supervised)} labels, more than {bucket.label_slots}')
-    if bucket.label_slots:
-      label_positions[row, :len(supervised)] = supervised - 1
-      label_targets[row, :len(supervised)] = ex.tokens[supervised]
-    positions = np.flatnonzero(ex.roles == ROLE_COMPRESSION)
-    if len(positions) != k:
-      raise ValueError(f'example {ex.id!r} has {len(positions)} compression tokens, expected {k}')
-    compression[row] = positions
-    valid[row] = True
+  label_positions = np.full((b, label_slots), -1, np.int32)
+  label_targets = np.full((b, label_slots), -1, np.int32)
+  label_counts = np.zeros((b, label_slots), np.int32)
+  labelled = np.zeros(b, np.int32)
+  compression = np.zeros((b, slots_per_row, k), np.int32)
+  reps = np.full((b, slots_per_row), -1, np.int32)
+  token_ids = np.full((b, length), -1, np.int32)
+  token_offsets = np.zeros((b, length), np.int32)
+  split_index = np.full((b, length), -1, np.int32)
+  split_slot = np.full((b, length), -1, np.int32)
+  split_segment = np.zeros((b, length), np.int32)
+  for row, members in enumerate(rows):
+    if len(members) > slots_per_row:
+      raise ValueError(f'row {row} holds {len(members)} sequences, more than {slots_per_row}')
+    start = tail = used_labels = 0
+    for j, i in enumerate(members):
+      ex = examples[i]
+      n = len(ex.tokens)
+      if start + n > length:
+        raise ValueError(f'example {ex.id!r} ({n} tokens) does not fit row {row} of length {length} '
+                         f'({start} tokens already used)')
+      span = slice(start, start + n)
+      ids[row, span], mask[row, span], roles[row, span], labels[row, span] = ex.tokens, True, ex.roles, ex.labels
+      segments[row, span], token_ids[row, span], token_offsets[row, span] = j + 1, sequence_ids[i], np.arange(n)
+      positions[:, row, span] = example_positions(ex, cfg)
+      supervised = np.flatnonzero(ex.labels != IGNORE)
+      supervised = supervised[supervised > 0]  # token 0 has no preceding position to predict it
+      if label_slots:  # stage 2 has neither labels nor label slots
+        if used_labels + len(supervised) > label_slots:
+          raise ValueError(f'example {ex.id!r} has {len(supervised)} labels, more than row {row} has left '
+                           f'({label_slots - used_labels} of {label_slots})')
+        where = slice(used_labels, used_labels + len(supervised))
+        label_positions[row, where] = start + supervised - 1
+        label_targets[row, where] = ex.tokens[supervised]
+        label_counts[row, where] = len(supervised)
+        used_labels += len(supervised)
+        labelled[row] += len(supervised) > 0
+      comp = np.flatnonzero(ex.roles == ROLE_COMPRESSION)
+      if len(comp) != k:
+        raise ValueError(f'example {ex.id!r} has {len(comp)} compression tokens, expected {k}')
+      compression[row, j], reps[row, j] = start + comp, rep_index[i]
+      # The stage-1 mask's second call: this example's [compression + dialogue] tail, its own segment.
+      size = n - comp[0]
+      split_index[row, tail:tail + size] = start + np.arange(comp[0], n)
+      split_segment[row, tail:tail + size] = j + 1
+      dialogue = np.flatnonzero(ex.roles == ROLE_DIALOGUE)
+      split_slot[row, start + dialogue] = tail + dialogue - comp[0]
+      start, tail = start + n, tail + size
 
-  groups = b // examples_per_group
-  if bucket.vision_slots:  # every batch keeps its vision arrays (empty ones too): static shapes
+  groups = b // rows_per_group
+  if vision_slots:  # every batch keeps its vision arrays (empty ones too): static shapes
     grouped = []
     for g in range(groups):
-      members = [e for e in examples[g * examples_per_group:(g + 1) * examples_per_group] if e is not None]
-      grouped.append(([i for e in members for i in e.images], [grid for e in members for grid in e.grids]))
-    inputs = build_grouped_inputs(cfg, ids, mask, grouped, seq_len=length, patch_budget=bucket.vision_slots,
-                                  vision_rows=1, vision_row_len=bucket.vision_slots, pixel_dtype=pixel_dtype)
+      members = [examples[i] for r in rows[g * rows_per_group:(g + 1) * rows_per_group] for i in r]
+      grouped.append(([im for e in members for im in e.images], [grid for e in members for grid in e.grids]))
+    inputs = build_grouped_inputs(cfg, ids, mask, grouped, seq_len=length, patch_budget=vision_slots,
+                                  vision_rows=1, vision_row_len=vision_slots, pixel_dtype=pixel_dtype,
+                                  positions=positions, segment_ids=segments)
   else:
-    inputs = build_model_inputs(cfg, ids, mask, seq_len=length)
-  split_index, split_slot = split_indices(roles)
+    if any(e.grids for e in examples):
+      raise ValueError('a batch without vision slots holds examples with images')
+    inputs = build_model_inputs(cfg, ids, mask, seq_len=length).replace(
+        positions=positions.astype(np.int32), segment_ids=segments)
   return {'inputs': inputs, 'roles': roles, 'labels': labels, 'label_positions': label_positions,
-          'label_targets': label_targets, 'compression_positions': compression, 'example_valid': valid,
-          'split_index': split_index, 'split_slot': split_slot}
+          'label_targets': label_targets, 'label_counts': label_counts, 'labelled_examples': labelled,
+          'compression_positions': compression, 'rep_index': reps, 'example_valid': reps[:, 0] >= 0,
+          'split_index': split_index, 'split_slot': split_slot, 'split_segment': split_segment,
+          'token_ids': token_ids, 'token_offsets': token_offsets}
+
+
+def example_positions(ex: Example, cfg: ModelConfig) -> np.ndarray:
+  """(3, n) M-RoPE positions of one example on its own (as in an unpacked row)."""
+  return get_rope_index(ex.tokens[None], None, image_grid_thw=ex.grids, image_token_id=cfg.image_token_id,
+                        video_token_id=cfg.video_token_id, spatial_merge_size=cfg.vision.spatial_merge_size,
+                        tokens_per_second=cfg.vision.tokens_per_second)[:, 0]
 
 
 CUT_KINDS = ('dropped_turns', 'trimmed_input_text', 'trimmed_text')
@@ -169,21 +239,3 @@ def batch_stats(examples: Sequence[Example | None], bucket: Bucket, examples_per
       if bucket.vision_slots else 0.0,
       'cuts': {kind: cuts.get(kind, 0) for kind in CUT_KINDS},
   }
-
-
-def split_indices(roles: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-  """Host side. split_index (B, L): the source position of each slot of call 2 (-1 = empty);
-  split_slot (B, L): each dialogue position's slot in call 2 (-1 elsewhere)."""
-  b, length = roles.shape
-  split_index = np.full((b, length), -1, np.int32)
-  split_slot = np.full((b, length), -1, np.int32)
-  for r in range(b):
-    comp = np.flatnonzero(roles[r] == ROLE_COMPRESSION)
-    if len(comp) == 0:
-      continue
-    start, end = comp[0], int(np.flatnonzero(roles[r] != ROLE_PAD).max()) + 1
-    split_index[r, :end - start] = np.arange(start, end)
-    dialogue = np.flatnonzero(roles[r] == ROLE_DIALOGUE)
-    split_slot[r, dialogue] = dialogue - start
-  return split_index, split_slot
-

@@ -11,7 +11,9 @@ import numpy as np
 import tensorflow_datasets as tfds
 
 from coma_jax.data.batching import Bucket, check_example_contract, example_slots, parse_buckets
-from coma_jax.data.pipeline import BatchSpec, ConcatSource, GlobalBatchIterator, StepReader
+from coma_jax.data.packing import PackedBucket, parse_packed_buckets
+from coma_jax.data.pipeline import ConcatSource, GlobalBatchIterator, StepReader
+from coma_jax.data.step_batches import BatchSpec
 from coma_jax.data.sampler import EpochSampler, SubsetBlockSampler
 from coma_jax.data.sequences import SequenceSettings, TokenIds, stage1_example, stage2_example
 from coma_jax.data.tfds_builders.mmeb import pair_from_features
@@ -43,16 +45,24 @@ def open_builder(data_dir: str, name: str):
   return tfds.builder_from_directory(os.path.join(root, '.'.join(map(str, max(complete)))))
 
 
-def sequence_settings(buckets: Sequence[Bucket], examples_per_group: int = 1, **kw) -> SequenceSettings:
+def sequence_settings(buckets: Sequence[Bucket | PackedBucket], examples_per_group: int = 1, **kw) -> SequenceSettings:
   """Settings whose limits are the largest bucket's, so every valid example fits some bucket.
 
   A vision group holds `examples_per_group` examples, so one example may take that share of the
-  largest vision budget: then any group of valid examples fits it.
+  largest vision budget: then any group of valid examples fits it. (A packed row is its own
+  vision group: an example may take all of a row.)
   """
   largest = max(b.vision_slots for b in buckets)
   return SequenceSettings(max_length=max(b.seq_len for b in buckets),
                           max_vision_slots=largest // examples_per_group,
                           max_label_tokens=max(b.label_slots for b in buckets) or 1 << 30, **kw)
+
+
+def _buckets(buckets, packed_buckets, process_count: int):
+  packed = parse_packed_buckets(packed_buckets) if packed_buckets else None
+  if packed and any(b.rows % process_count for b in packed):
+    raise ValueError(f'packed buckets {list(packed)}: rows must divide over {process_count} processes')
+  return (parse_buckets(buckets) if buckets else None), packed
 
 
 @dataclasses.dataclass
@@ -107,10 +117,12 @@ def stage1_loader(data_dir: str, model_config: ModelConfig, tokenizer: QwenToken
                   buckets, seed: int, examples_per_group: int = 1, start_step: int = 0,
                   end_step: int | None = None, num_workers: int = 0, process_index: int = 0,
                   process_count: int = 1, on_bad_record: str = 'skip', max_bad_fraction: float = 0.05,
-                  split: str = 'train', pixel_dtype=np.float32, **sequence_kw) -> GlobalBatchIterator:
-  """Batches of stage1_qa's `split`: data steps start_step .. end_step - 1 (default: one epoch)."""
-  buckets = parse_buckets(buckets)
-  settings = sequence_settings(buckets, examples_per_group, **sequence_kw)
+                  split: str = 'train', pixel_dtype=np.float32, packed_buckets=None, max_per_row: int = 16,
+                  **sequence_kw) -> GlobalBatchIterator:
+  """Batches of stage1_qa's `split`: data steps start_step .. end_step - 1 (default: one epoch).
+  `packed_buckets` [(rows, seq_len, vision_slots, label_slots), ...]: pack (`buckets` unused)."""
+  buckets, packed = _buckets(buckets, packed_buckets, process_count)
+  settings = sequence_settings(packed or buckets, 1 if packed else examples_per_group, **sequence_kw)
   sources = open_builder(data_dir, 'stage1_qa').as_data_source()
   if split not in sources:
     raise ValueError(f'stage1_qa under {data_dir} has no {split!r} split (it has {sorted(sources)})')
@@ -119,7 +131,8 @@ def stage1_loader(data_dir: str, model_config: ModelConfig, tokenizer: QwenToken
   reader = StepReader(source, sampler, Stage1Examples(tokenizer, settings, model_config),
                       process_index, process_count, on_bad_record)
   spec = BatchSpec(model_config, buckets, examples_per_group, settings.num_compression_tokens,
-                   pixel_dtype=pixel_dtype)
+                   pixel_dtype=pixel_dtype, packed_buckets=packed, max_per_row=max_per_row,
+                   process_index=process_index, process_count=process_count)
   return GlobalBatchIterator(reader, spec, start_step=start_step, num_workers=num_workers,
                              end_step=end_step if end_step is not None else sampler.steps_per_epoch,
                              max_bad_fraction=max_bad_fraction)
@@ -130,9 +143,10 @@ def stage2_loader(data_dir: str, model_config: ModelConfig, tokenizer: QwenToken
                   hard_negatives: bool = False, examples_per_group: int = 1, start_step: int = 0,
                   num_workers: int = 0, process_index: int = 0, process_count: int = 1,
                   on_bad_record: str = 'skip', max_bad_fraction: float = 0.05, pixel_dtype=np.float32,
-                  **sequence_kw) -> GlobalBatchIterator:
-  buckets = parse_buckets(buckets)
-  settings = sequence_settings(buckets, examples_per_group, **sequence_kw)
+                  packed_buckets=None, max_per_row: int = 16, **sequence_kw) -> GlobalBatchIterator:
+  """Pairs of mmeb_train (see `stage1_loader` for packing: a packed row mixes the sides)."""
+  buckets, packed = _buckets(buckets, packed_buckets, process_count)
+  settings = sequence_settings(packed or buckets, 1 if packed else examples_per_group, **sequence_kw)
   builder = open_builder(data_dir, 'mmeb_train')
   names = builder.info.metadata.get('split_names', {})
   sources = builder.as_data_source()
@@ -146,6 +160,7 @@ def stage2_loader(data_dir: str, model_config: ModelConfig, tokenizer: QwenToken
                       Stage2Examples(tokenizer, settings, model_config, sampler, sides),
                       process_index, process_count, on_bad_record)
   spec = BatchSpec(model_config, buckets, examples_per_group, settings.num_compression_tokens, sides=sides,
-                   pixel_dtype=pixel_dtype)
+                   pixel_dtype=pixel_dtype, packed_buckets=packed, max_per_row=max_per_row,
+                   process_index=process_index, process_count=process_count)
   return GlobalBatchIterator(reader, spec, start_step=start_step, end_step=end_step, num_workers=num_workers,
                              max_bad_fraction=max_bad_fraction)

@@ -25,10 +25,20 @@ class Footprint:
 
 @dataclasses.dataclass(frozen=True)
 class PackedBucket:
+  """A packed batch's shape: `rows` rows (over all processes) of `seq_len` tokens, each row its own
+  vision group of `vision_slots` slots, with `label_slots` supervised positions (stage 1)."""
   rows: int
   seq_len: int
   vision_slots: int
-  label_slots: int
+  label_slots: int = 0
+
+
+def parse_packed_buckets(spec: Sequence) -> tuple[PackedBucket, ...]:
+  buckets = tuple(sorted((b if isinstance(b, PackedBucket) else PackedBucket(*b) for b in spec),
+                         key=lambda b: (b.rows * b.seq_len, b.rows * b.vision_slots, b.label_slots)))
+  if not buckets:
+    raise ValueError('at least one packed bucket is needed')
+  return buckets
 
 
 def footprint(example, model_config) -> Footprint:
@@ -37,11 +47,12 @@ def footprint(example, model_config) -> Footprint:
 
 
 def first_fit_decreasing(footprints: Sequence[Footprint], keys: Sequence[int], *, seq_len: int,
-                         vision_slots: int, label_slots: int) -> list[list[int]]:
+                         vision_slots: int, label_slots: int, max_per_row: int | None = None) -> list[list[int]]:
   """Rows as lists of indices into `footprints`, each row in ascending key order.
 
   Examples go largest first (tokens, then vision slots, then labels; ties by key) into the first
-  row with room in every budget. An example that fits no empty row is an error naming its key.
+  row with room in every budget (and fewer than `max_per_row` examples). An example that fits no
+  empty row is an error naming its key.
   """
   order = sorted(range(len(footprints)), key=lambda i: (-footprints[i].tokens, -footprints[i].vision_slots,
                                                         -footprints[i].labels, keys[i]))
@@ -54,7 +65,7 @@ def first_fit_decreasing(footprints: Sequence[Footprint], keys: Sequence[int], *
       raise ValueError(f'example {keys[i]} needs (tokens, vision slots, labels) {need}, more than a '
                        f'row holds {budgets}')
     for row, room in zip(rows, used):
-      if all(u + n <= b for u, n, b in zip(room, need, budgets)):
+      if (max_per_row is None or len(row) < max_per_row) and all(u + n <= b for u, n, b in zip(room, need, budgets)):
         row.append(i)
         room[:] = [u + n for u, n in zip(room, need)]
         break
@@ -64,16 +75,23 @@ def first_fit_decreasing(footprints: Sequence[Footprint], keys: Sequence[int], *
   return [sorted(row, key=lambda i: keys[i]) for row in rows]
 
 
+def pack(bucket: PackedBucket, footprints: Sequence[Footprint], keys: Sequence[int], rows: int,
+         max_per_row: int | None = None) -> list[list[int]] | None:
+  """The examples in at most `rows` rows of `bucket` (first-fit decreasing), or None."""
+  try:
+    packed = first_fit_decreasing(footprints, keys, seq_len=bucket.seq_len, vision_slots=bucket.vision_slots,
+                                  label_slots=bucket.label_slots, max_per_row=max_per_row)
+  except ValueError:
+    return None
+  return packed if len(packed) <= rows else None
+
+
 def pick_packed_bucket(buckets: Sequence[PackedBucket], footprints: Sequence[Footprint],
-                       keys: Sequence[int]) -> tuple[PackedBucket, list[list[int]]]:
+                       keys: Sequence[int], max_per_row: int | None = None) -> tuple[PackedBucket, list[list[int]]]:
   """The smallest bucket (fewest token slots, then vision slots) whose rows hold the examples."""
   for bucket in sorted(buckets, key=lambda b: (b.rows * b.seq_len, b.rows * b.vision_slots)):
-    try:
-      rows = first_fit_decreasing(footprints, keys, seq_len=bucket.seq_len, vision_slots=bucket.vision_slots,
-                                  label_slots=bucket.label_slots)
-    except ValueError:
-      continue
-    if len(rows) <= bucket.rows:
+    rows = pack(bucket, footprints, keys, bucket.rows, max_per_row)
+    if rows is not None:
       return bucket, rows
   raise ValueError(f'{len(footprints)} examples fit no packed bucket of {list(buckets)}')
 

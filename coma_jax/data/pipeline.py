@@ -19,10 +19,8 @@ import jax
 import numpy as np
 
 from coma_jax.data.bad_records import BadRecord, BadRecordLog, check_bad_fraction, guard_min_records
-from coma_jax.data.batching import Bucket, Needs, batch_stats, collate, needs_of, pick_bucket
-from coma_jax.data.packing import footprint
 from coma_jax.data.sampler import process_slice
-from coma_jax.model.config import ModelConfig
+from coma_jax.data.step_batches import BatchSpec, global_max, step_batch  # noqa: F401 (re-exported)
 from coma_jax.model.inputs import BATCH_AXIS
 
 log = logging.getLogger('coma_jax.data')
@@ -75,39 +73,20 @@ class StepReader:
     return {'step': step, 'examples': examples, 'ids': ids, 'bad': bad}
 
 
-def global_max(values: np.ndarray) -> np.ndarray:
-  """Element-wise max over processes (identity with one process)."""
-  if jax.process_count() == 1:
-    return values
-  from jax.experimental import multihost_utils
-  return np.asarray(multihost_utils.process_allgather(values)).max(axis=0)
-
-
-@dataclasses.dataclass
-class BatchSpec:
-  """How examples become batches: per side (stage 1: one side 'inputs'; stage 2: query, ...)."""
-  model_config: ModelConfig
-  buckets: Sequence[Bucket]
-  examples_per_group: int
-  num_compression_tokens: int
-  sides: Sequence[str] | None = None  # None: examples are single Examples
-  pixel_dtype: Any = np.float32  # the model's compute dtype (bfloat16 halves the pixel bytes)
-
-
 @dataclasses.dataclass
 class BatchInfo:
   """What the host knows of a batch and the device never sees: the bucket, statistics (padding
-  waste, truncation cuts) and the bad records skipped so far. Stage 2: bucket and stats per side."""
+  waste, truncation cuts) and the bad records skipped so far. Stage 2 unpacked: bucket and stats
+  per side; packed: one PackedBucket and one stats dict."""
   step: int
-  bucket: Bucket | dict
+  bucket: Any
   stats: dict
   bad_records: int
 
 
 class GlobalBatchIterator:
   """Yields (step, batch, info): `batch` holds NumPy arrays only, in a structure fixed by the
-  bucket (it goes into a jitted step as it is), plus 'example_ids' (the global ids of the rows, for
-  per-example randomness); `info` is a BatchInfo. `state()` is {'step': next step} to checkpoint.
+  bucket (it goes into a jitted step as it is; see `step_batches`); `info` is a BatchInfo. `state()` is {'step': next step} to checkpoint.
   Steps run from `start_step` up to, not including, `end_step`."""
 
   def __init__(self, reader: StepReader, spec: BatchSpec, *, start_step: int = 0, end_step: int,
@@ -144,32 +123,13 @@ class GlobalBatchIterator:
   def __iter__(self) -> Iterator[tuple[int, dict, BatchInfo]]:
     return self
 
-  def _collate_side(self, examples, ids) -> tuple[dict, Bucket, dict]:
-    spec = self.spec
-    needs = needs_of(examples, spec.model_config, spec.examples_per_group)
-    agreed = Needs(*global_max(needs.as_array()).tolist())
-    bucket = pick_bucket(spec.buckets, agreed)
-    out = collate(examples, spec.model_config, bucket, spec.examples_per_group, spec.num_compression_tokens,
-                  spec.pixel_dtype)
-    out['example_ids'] = np.asarray(ids, np.int32)
-    stats = batch_stats(examples, bucket, spec.examples_per_group)
-    # What each example needs of a row (host-side only: packing estimates, benchmarks).
-    stats['footprints'] = [footprint(e, spec.model_config) for e in examples if e is not None]
-    return out, bucket, stats
-
   def __next__(self) -> tuple[int, dict, BatchInfo]:
     item = next(self._it)
     step, examples = item['step'], item['examples']
     self.bad.merge(item['bad'])
     check_bad_fraction(self.bad.summary(), self.max_bad_fraction, 'data loading (this process)',
                        'data.max_bad_fraction', guard_min_records(self.max_bad_fraction))
-    if self.spec.sides is None:
-      batch, bucket, stats = self._collate_side(examples, item['ids'])
-    else:
-      batch, bucket, stats = {}, {}, {}
-      for side in self.spec.sides:
-        batch[side], bucket[side], stats[side] = self._collate_side(
-            [None if e is None else e.get(side) for e in examples], item['ids'])
+    batch, bucket, stats = step_batch(self.spec, examples, item['ids'])
     self.next_step = step + 1
     self._examples += len(examples)
     if self.log_every and self.next_step % self.log_every == 0:

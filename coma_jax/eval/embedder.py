@@ -108,7 +108,7 @@ class Embedder:
     self.processes = len({d.process_index for d in self.mesh.devices.flat})
     graphdef, state = nnx.split(model)
     self._state = state
-    self._embed = jax.jit(under_rules(lambda s, side: embed_side(nnx.merge(graphdef, s), side, None),
+    self._embed = jax.jit(under_rules(lambda s, side: embed_side(nnx.merge(graphdef, s), side, None)[:, 0],
                                       self.mesh, self.rules))
     self.truncated = 0
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from flax import struct
 
@@ -33,6 +34,8 @@ class ModelInputs:
     pixel_patches (G, N, C*T*P*P) float, raster order; vision_rope_ids (G, N, 2) int32 (h, w);
     window_index (G, R, S/u) and window_inverse (G, N/u) int32 (u = merge^2, -1 = empty);
     window_segment_ids, full_segment_ids (G, R, S) int32 (0 = empty slot).
+  Packing: segment_ids (B, L) int32 numbers the sequences of a packed row 1, 2, ... (0 = padding);
+    None = one sequence per row (the valid tokens).
   """
   input_ids: jax.Array
   token_valid: jax.Array
@@ -44,10 +47,16 @@ class ModelInputs:
   window_inverse: jax.Array | None = None
   window_segment_ids: jax.Array | None = None
   full_segment_ids: jax.Array | None = None
+  segment_ids: jax.Array | None = None
 
   @property
   def has_vision(self) -> bool:
     return self.pixel_patches is not None
+
+  @property
+  def segments(self) -> jax.Array:
+    """(B, L) int32: the attention segment of each token (equal ids see each other; 0 = padding)."""
+    return self.token_valid.astype(jnp.int32) if self.segment_ids is None else self.segment_ids
 
 
 def vision_token_index(input_ids: np.ndarray, valid: np.ndarray, *, image_token_id: int,
@@ -197,15 +206,18 @@ def grouped_vision_arrays(cfg: ModelConfig, groups, *, patch_budget: int | None 
 
 def build_grouped_inputs(cfg: ModelConfig, input_ids: np.ndarray, valid: np.ndarray, groups, *,
                          seq_len: int, patch_budget: int, vision_rows: int, vision_row_len: int,
-                         pixel_dtype=np.float32) -> ModelInputs:
+                         pixel_dtype=np.float32, positions: np.ndarray | None = None,
+                         segment_ids: np.ndarray | None = None) -> ModelInputs:
   """The training path: images already grouped, [(list of per-image patches, grids)] per vision
-  group of consecutive rows, in row order. No processor-style flattening, one pixel copy."""
+  group of consecutive rows, in row order. No processor-style flattening, one pixel copy.
+  Packed rows pass their `positions` (M-RoPE restarting per sequence) and `segment_ids`."""
   batch, length = input_ids.shape
   rows_per_group = batch // len(groups)
   grids = [tuple(g) for _, gs in groups for g in gs]
-  positions = get_rope_index(input_ids, valid, image_grid_thw=grids, image_token_id=cfg.image_token_id,
-                             video_token_id=cfg.video_token_id, spatial_merge_size=cfg.vision.spatial_merge_size,
-                             tokens_per_second=cfg.vision.tokens_per_second)
+  if positions is None:
+    positions = get_rope_index(input_ids, valid, image_grid_thw=grids, image_token_id=cfg.image_token_id,
+                               video_token_id=cfg.video_token_id, spatial_merge_size=cfg.vision.spatial_merge_size,
+                               tokens_per_second=cfg.vision.tokens_per_second)
   is_image = ((input_ids == cfg.image_token_id) & valid).reshape(len(groups), -1)
   local = np.where(is_image, np.cumsum(is_image, axis=1) - 1, -1).reshape(batch, length).astype(np.int32)
   for g, (_, gs) in enumerate(groups):
@@ -216,6 +228,8 @@ def build_grouped_inputs(cfg: ModelConfig, input_ids: np.ndarray, valid: np.ndar
   pad = ((0, 0), (0, seq_len - length))
   return ModelInputs(
       input_ids=np.pad(input_ids, pad).astype(np.int32), token_valid=np.pad(valid, pad),
-      positions=np.pad(positions, ((0, 0),) + pad), vision_token_index=np.pad(local, pad, constant_values=-1),
+      positions=np.pad(positions, ((0, 0),) + pad).astype(np.int32),
+      vision_token_index=np.pad(local, pad, constant_values=-1),
+      segment_ids=None if segment_ids is None else np.pad(segment_ids, pad).astype(np.int32),
       **grouped_vision_arrays(cfg, groups, patch_budget=patch_budget, rows=vision_rows, row_len=vision_row_len,
                               pixel_dtype=pixel_dtype))

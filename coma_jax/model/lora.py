@@ -5,8 +5,9 @@ that keeps the original as `.base`; stacked layers get stacked adapters. DoRA fo
   y = W x + b + (m / n - 1) * W x' + (m / n) * s * B A x',   n = ||W + s B A|| (per output, detached)
 with x' = dropout(x) (x' = x without dropout) and s = alpha / r. `merge_adapters` folds them back.
 
-Dropout keys come per batch row (`DropoutContext`), folded with the layer index and the hook
-name, so a row's masks do not depend on how the batch is split or chunked.
+Dropout keys come per token (`DropoutContext`): from (sequence id, offset within the sequence),
+folded with the layer index and the hook name, so a token's mask depends neither on how the batch
+is split or chunked nor on where packing put its sequence.
 """
 from __future__ import annotations
 
@@ -29,16 +30,24 @@ class AdapterParam(nnx.Param):
 
 @struct.dataclass
 class DropoutContext:
-  """Per-row PRNG keys (B,) for adapter dropout; `for_layer` folds in the layer index."""
+  """Per-token PRNG keys (B, L) for adapter dropout; `for_layer` folds in the layer index."""
   keys: jax.Array
 
   def for_layer(self, layer) -> 'DropoutContext':
-    return DropoutContext(jax.vmap(lambda k: jax.random.fold_in(k, layer))(self.keys))
+    return DropoutContext(jax.vmap(jax.vmap(lambda k: jax.random.fold_in(k, layer)))(self.keys))
 
   @classmethod
-  def for_rows(cls, key: jax.Array, example_ids: jax.Array) -> 'DropoutContext':
-    """One key per global example id: identical masks however the batch is chunked."""
-    return cls(jax.vmap(lambda i: jax.random.fold_in(key, i))(example_ids))
+  def for_tokens(cls, key: jax.Array, sequence_ids: jax.Array, offsets: jax.Array) -> 'DropoutContext':
+    """One key per (sequence id, offset in the sequence), both (B, L): the same masks however the
+    batch is chunked, and whether a sequence has a row of its own or shares a packed row."""
+    fold = lambda i, o: jax.random.fold_in(jax.random.fold_in(key, i), o)
+    return cls(jax.vmap(jax.vmap(fold))(sequence_ids, offsets))
+
+  @classmethod
+  def for_rows(cls, key: jax.Array, sequence_ids: jax.Array, length: int) -> 'DropoutContext':
+    """Unpacked rows: row b holds sequence `sequence_ids[b]` from offset 0."""
+    ids = jnp.broadcast_to(sequence_ids[:, None], (sequence_ids.shape[0], length))
+    return cls.for_tokens(key, ids, jnp.broadcast_to(jnp.arange(length), ids.shape))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -82,10 +91,10 @@ class AdapterLinear(nnx.Module):
       return x
     keep = 1.0 - self.dropout
 
-    def row(key, xr):
-      mask = jax.random.bernoulli(jax.random.fold_in(key, _hook_salt(self.hook)), keep, xr.shape)
-      return jnp.where(mask, xr / keep, 0).astype(xr.dtype)
-    return jax.vmap(row)(ctx.keys, x)
+    def token(key, xt):
+      mask = jax.random.bernoulli(jax.random.fold_in(key, _hook_salt(self.hook)), keep, xt.shape)
+      return jnp.where(mask, xt / keep, 0).astype(xt.dtype)
+    return jax.vmap(jax.vmap(token))(ctx.keys, x)
 
   def delta_weight(self) -> jax.Array:
     return self.scaling * (self.lora_a[...] @ self.lora_b[...])

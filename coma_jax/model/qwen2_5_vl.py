@@ -45,8 +45,8 @@ class Qwen25VL(nnx.Module):
     return jnp.where((inputs.vision_token_index >= 0)[..., None], picked, x)
 
   def causal_attend(self, inputs: ModelInputs) -> Attend:
-    """Plain causal attention over valid tokens (stage 2, inference and the parity tests)."""
-    seg = inputs.token_valid.astype(jnp.int32)
+    """Plain causal attention within each sequence (stage 2, inference and the parity tests)."""
+    seg = inputs.segments
     return lambda layer, q, k, v: attention(q, k, v, q_segment_ids=seg, kv_segment_ids=seg,
                                             causal=True, impl=self.attention_impl, call='text')
 

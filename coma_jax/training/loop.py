@@ -27,6 +27,7 @@ from coma_jax.training.metrics_writer import MetricsWriter
 from coma_jax.training.optim import schedule
 from coma_jax.training.preemption import Preemption
 from coma_jax.training.run import Run, build_run
+from coma_jax.training.stage2 import row_sets
 from coma_jax.training.train_state import TrainState
 
 log = logging.getLogger('coma_jax.train')
@@ -98,7 +99,7 @@ class Progress:
 def _flops(run: Run, batch: dict):
   """Model and executed FLOPs of this step's batch, over every process."""
   c = run.config
-  sides = [batch[s] for s in from_config.sides(c)] if run.stage2 else [batch]
+  sides = [batch[s] for s in row_sets(batch)] if run.stage2 else [batch]
   vision_trains = c.trainable.vision or c.trainable.full
   return batch_flops(run.model_config, sides, processes=jax.process_count(), llm_trains=c.trainable.full,
                      vision_trains=vision_trains, paper_mask=not run.stage2 and c.stage1.mask == 'paper',
@@ -189,13 +190,14 @@ def train(c, workdir: str, profile_steps: tuple[int, int] | None = None, devices
         step -= 1
         break
       assert data_step == step - 1, (data_step, step)
-      tokens = sum(int(b['inputs'].token_valid.sum()) for b in (batch.values() if run.stage2 else [batch]))
+      tokens = sum(int(b['inputs'].token_valid.sum()) for b in ([batch[s] for s in row_sets(batch)] if run.stage2 else [batch]))
       flops = _flops(run, batch)
       state, out = run.setup.step(state, to_global(batch, sharding_for), jax.random.fold_in(root, step))
       out = jax.device_get(out)
       seconds = time.perf_counter() - began
-      stats = list(info.stats.values()) if run.stage2 else [info.stats]
-      bucket = info.bucket['query'] if run.stage2 else info.bucket
+      per_side = isinstance(info.bucket, dict)  # stage 2 unpacked: a bucket and stats per side
+      stats = list(info.stats.values()) if per_side else [info.stats]
+      bucket = info.bucket['query'] if per_side else info.bucket
       applied = int(state.step) - int(out['finite'])
       record = {
           'loss': float(out['loss']), 'lr': float(lr_at(applied)), 'grad_norm': float(out['grad_norm']),

@@ -22,7 +22,7 @@ from coma_jax.model.lora import DropoutContext
 from coma_jax.training.micro_batches import split_micro_batches
 from coma_jax.training.stage1_attention import stage1_attend
 from coma_jax.training.train_state import TrainState
-from coma_jax.training.updates import apply_gradients, with_example_ids
+from coma_jax.training.updates import apply_gradients, with_token_ids
 
 
 NORMALISATIONS = ('example_mean', 'token_mean')
@@ -54,26 +54,33 @@ def gather_positions(hidden: jax.Array, positions: jax.Array) -> jax.Array:
   return jnp.take_along_axis(hidden, jnp.maximum(positions, 0)[..., None], axis=1)
 
 
-def stage1_loss_terms(model, hidden: jax.Array, label_positions: jax.Array, label_targets: jax.Array,
-                      normalisation: str, chunk: int = 512, remat: bool = True):
+def stage1_loss_terms(model, hidden: jax.Array, batch: dict, normalisation: str, chunk: int = 512,
+                      remat: bool = True):
   """(numerator, denominator, token count) of the batch's CE under the chosen normalisation.
 
-  example_mean (the reference): the mean over examples of each example's mean token loss;
+  example_mean (the reference): the mean over examples of each example's mean token loss (each
+  label weighs 1 / its example's label count, so packed rows need no per-example reduction);
   token_mean: the mean over all supervised tokens (what transformers' loss does).
   """
   if normalisation not in NORMALISATIONS:
     raise ValueError(f'loss normalisation must be one of {NORMALISATIONS}, got {normalisation!r}')
+  label_positions, label_targets = batch['label_positions'], batch['label_targets']
   b, p = label_positions.shape
   mask = label_positions >= 0
   h = gather_positions(hidden, label_positions).reshape(b * p, -1)
   nll = chunked_token_nll(h, jnp.where(mask, label_targets, -1).reshape(-1), model.logits, chunk, remat).reshape(b, p)
-  per_example = nll.sum(axis=1)
-  count = mask.sum(axis=1)
+  count = mask.sum()
   if normalisation == 'token_mean':
-    return per_example.sum(), count.sum().astype(jnp.float32), count.sum()
-  has = count > 0
-  means = jnp.where(has, per_example / jnp.maximum(count, 1), 0.0)
-  return means.sum(), has.sum().astype(jnp.float32), count.sum()
+    return nll.sum(), count.astype(jnp.float32), count
+  weighted = nll / jnp.maximum(batch['label_counts'], 1)
+  return weighted.sum(), batch['labelled_examples'].sum().astype(jnp.float32), count
+
+
+def loss_denominator(batch: dict, normalisation: str) -> jax.Array:
+  """The whole batch's: supervised tokens (token_mean) or examples with labels (example_mean)."""
+  if normalisation == 'token_mean':
+    return (batch['label_positions'] >= 0).sum()
+  return batch['labelled_examples'].sum()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -92,22 +99,16 @@ def make_stage1_grads(graphdef, cfg: Stage1StepConfig):
   accumulated over micro-batches; the loss and grads are already normalised."""
   def loss_fn(params, frozen, mb, key):
     model = nnx.merge(graphdef, params, frozen)
-    ctx = DropoutContext.for_rows(key, mb['example_ids'])
+    ctx = DropoutContext.for_tokens(key, mb['token_ids'], mb['token_offsets'])
     hidden = model.hidden_states(mb['inputs'], stage1_attend(cfg.mask, mb, cfg.attention_impl), ctx)
-    numerator, _, tokens = stage1_loss_terms(model, hidden, mb['label_positions'], mb['label_targets'],
-                                             cfg.normalisation, cfg.loss_chunk, cfg.loss_remat)
+    numerator, _, tokens = stage1_loss_terms(model, hidden, mb, cfg.normalisation, cfg.loss_chunk, cfg.loss_remat)
     return numerator, tokens
 
   grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
 
   def grads_of(params, frozen, batch: dict, key: jax.Array):
-    batch = with_example_ids({k: v for k, v in batch.items() if k not in ('labels', 'roles')})
-    has_labels = batch['label_positions'] >= 0
-    if cfg.normalisation == 'token_mean':
-      denominator = has_labels.sum()
-    else:
-      denominator = has_labels.any(axis=1).sum()
-    denominator = jnp.maximum(denominator, 1).astype(jnp.float32)
+    batch = with_token_ids({k: v for k, v in batch.items() if k not in ('labels', 'roles', 'example_ids')})
+    denominator = jnp.maximum(loss_denominator(batch, cfg.normalisation), 1).astype(jnp.float32)
     micro = split_micro_batches(batch, cfg.micro_batches)
     zeros = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), params)
 
@@ -127,8 +128,8 @@ def make_stage1_eval(graphdef, cfg: Stage1StepConfig):
   def evaluate(params, frozen, batch: dict):
     model = nnx.merge(graphdef, params, frozen)
     hidden = model.hidden_states(batch['inputs'], stage1_attend(cfg.mask, batch, cfg.attention_impl), None)
-    numerator, denominator, _ = stage1_loss_terms(model, hidden, batch['label_positions'], batch['label_targets'],
-                                                  cfg.normalisation, cfg.loss_chunk, remat=False)
+    numerator, denominator, _ = stage1_loss_terms(model, hidden, batch, cfg.normalisation, cfg.loss_chunk,
+                                                  remat=False)
     return numerator, denominator
   return evaluate
 

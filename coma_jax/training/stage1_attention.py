@@ -3,8 +3,10 @@
 `paper` runs it as two plain causal attention calls per layer, the form fused kernels take:
   call 1: the row as is (prefix and compression rows are right; dialogue rows are discarded);
   call 2: the row gathered from its first compression token on ([compression + dialogue]);
-dialogue rows come from call 2, scattered back with host-made indices (`data.batching.split_indices`).
-q and k carry their rotary positions already, so the gather keeps relative positions.
+dialogue rows come from call 2, scattered back with host-made indices (`data.batching.collate_rows`).
+q and k carry their rotary positions already, so the gather keeps relative positions. A packed row
+holds several examples: call 1 separates them by segment ids, call 2 gathers each example's tail
+as its own segment (equal query and key segment ids, the form the GPU kernels take).
 `causal` is what the released code ran. `reference_mask` is the explicit (B, 1, L, L) CPU check.
 """
 from __future__ import annotations
@@ -24,9 +26,8 @@ def _take_rows(x: jax.Array, index: jax.Array) -> jax.Array:
   return jnp.take_along_axis(x, idx, axis=1)
 
 
-def paper_attend(token_valid, split_index, split_slot, impl: str = 'auto'):
-  seg = token_valid.astype(jnp.int32)
-  seg2 = (split_index >= 0).astype(jnp.int32)
+def paper_attend(segments, split_index, split_slot, split_segment, impl: str = 'auto'):
+  seg, seg2 = segments, split_segment
 
   def attend(layer, q, k, v):
     full = attention(q, k, v, q_segment_ids=seg, kv_segment_ids=seg, causal=True, impl=impl, call='stage1_full_row')
@@ -38,24 +39,26 @@ def paper_attend(token_valid, split_index, split_slot, impl: str = 'auto'):
   return attend
 
 
-def reference_mask(roles: jax.Array, token_valid: jax.Array) -> jax.Array:
-  """(B, 1, L, L) bool: causal, valid keys, and no dialogue-row -> prefix-column attention."""
+def reference_mask(roles: jax.Array, segments: jax.Array) -> jax.Array:
+  """(B, 1, L, L) bool: causal within a segment (an example), valid keys, and no dialogue-row ->
+  prefix-column attention."""
   length = roles.shape[1]
   causal = jnp.arange(length)[:, None] >= jnp.arange(length)[None, :]
+  same = (segments[:, :, None] == segments[:, None, :]) & (segments[:, None, :] > 0)
   blocked = (roles[:, :, None] == ROLE_DIALOGUE) & (roles[:, None, :] == ROLE_PREFIX)
-  return (causal & token_valid[:, None, :] & ~blocked)[:, None]
+  return (causal & same & ~blocked)[:, None]
 
 
-def reference_attend(roles, token_valid):
-  mask = reference_mask(roles, token_valid)
+def reference_attend(roles, segments):
+  mask = reference_mask(roles, segments)
   return lambda layer, q, k, v: attention(q, k, v, mask=mask)
 
 
 def stage1_attend(mode: str, batch: dict, impl: str = 'auto'):
   inputs = batch['inputs']
   if mode == 'paper':
-    return paper_attend(inputs.token_valid, batch['split_index'], batch['split_slot'], impl)
+    return paper_attend(inputs.segments, batch['split_index'], batch['split_slot'], batch['split_segment'], impl)
   if mode == 'causal':
-    seg = inputs.token_valid.astype(jnp.int32)
+    seg = inputs.segments
     return lambda layer, q, k, v: attention(q, k, v, q_segment_ids=seg, kv_segment_ids=seg, causal=True, impl=impl, call='text')
   raise ValueError(f'stage-1 mask mode must be one of {MASK_MODES}, got {mode!r}')

@@ -8,9 +8,13 @@ optionally bidirectional and with hard negatives.
 GradCache, inside one jitted step: (1) a chunked forward without gradients gives every
 representation; (2) the gradient of the loss with respect to the representations; (3) a chunked
 re-forward with a VJP per chunk accumulates the parameter gradients. Chunks are (n_chunks, chunk)
-with the chunk axis sharded, so every chunk runs on every device. Dropout keys are per global
-example, so both passes (and an unchunked run) draw the same masks. A frozen vision tower's
+with the chunk axis sharded, so every chunk runs on every device. Dropout keys are per (sequence,
+token offset), so both passes, an unchunked and a packed run draw the same masks. A frozen vision tower's
 outputs from pass 1 are kept and reused in pass 3 instead of recomputed.
+
+Packing: rows may hold several sequences of any sides (`ROW_SETS`); each sequence's slot scatters
+its representation to the global (sides x examples) array the loss reads, and pass 3 gathers each
+slot's cotangent back. Chunks are sets of rows.
 """
 from __future__ import annotations
 
@@ -21,12 +25,16 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
+from coma_jax.data.step_batches import SIDES, rep_index, sequence_id  # noqa: F401 (the layout's ids)
 from coma_jax.model.lora import DropoutContext
 from coma_jax.training.micro_batches import merge_micro_batches, split_micro_batches
 from coma_jax.training.train_state import TrainState
-from coma_jax.training.updates import apply_gradients, with_example_ids
+from coma_jax.training.updates import apply_gradients, with_token_ids
 
-SIDES = ('query', 'positive', 'negative')
+# A stage-2 batch holds one or more row sets: unpacked, one per side ('query', ...); packed, one
+# 'packed' set whose rows mix the sides. Either way each sequence's slot names its representation:
+# rep_index = side index * examples + the example's position in the global batch.
+ROW_SETS = ('packed',) + SIDES
 
 
 @dataclasses.dataclass(frozen=True)
@@ -34,18 +42,20 @@ class Stage2StepConfig:
   temperature: float = 0.03
   bidirectional: bool = False
   hard_negatives: bool = False
-  chunks: int = 1          # GradCache chunks per side; 1 = one plain full-batch pass
+  chunks: int = 1          # GradCache chunks per row set; 1 = one plain full-batch pass
   reuse_frozen_vision: bool = True
   attention_impl: str = 'auto'
   first_trainable_embedding_row: int | None = None
 
 
-def embed_side(model, side: dict, ctx, vision=None) -> jax.Array:
-  """(B, D) fp32 unit vectors: the mean final hidden state over the compression tokens."""
-  hidden = model.hidden_states(side['inputs'], ctx=ctx, vision=vision)
-  pos = side['compression_positions']
-  picked = jnp.take_along_axis(hidden, pos[..., None], axis=1).astype(jnp.float32)
-  mean = picked.mean(axis=1)
+def embed_side(model, rows: dict, ctx, vision=None) -> jax.Array:
+  """(B, S, D) fp32 unit vectors: per sequence slot, the mean final hidden state over its K
+  compression tokens (an empty slot gives some unit vector; its rep_index is -1)."""
+  hidden = model.hidden_states(rows['inputs'], ctx=ctx, vision=vision)
+  pos = rows['compression_positions']
+  b, slots, k = pos.shape
+  picked = jnp.take_along_axis(hidden, pos.reshape(b, slots * k)[..., None], axis=1)
+  mean = picked.reshape(b, slots, k, -1).astype(jnp.float32).mean(axis=2)
   return mean / jnp.maximum(jnp.linalg.norm(mean, axis=-1, keepdims=True), 1e-12)
 
 
@@ -76,72 +86,99 @@ def _sides(cfg):
   return SIDES if cfg.hard_negatives else SIDES[:2]
 
 
+def row_sets(batch: dict) -> list[str]:
+  return [name for name in ROW_SETS if name in batch]
+
+
+def num_examples(batch: dict) -> int:
+  """The global batch's examples: `example_ids`, or (a hand-made unpacked batch) the query rows."""
+  return batch['example_ids'].shape[0] if 'example_ids' in batch else batch['query']['inputs'].input_ids.shape[0]
+
+
+def scatter_reps(flat: jax.Array, valid: jax.Array, reps: jax.Array, index: jax.Array):
+  """Writes the (B, S, D) slot representations to their rep_index rows of flat (N, D)."""
+  where = jnp.where(index >= 0, index, flat.shape[0]).reshape(-1)
+  return (flat.at[where].set(reps.reshape(-1, reps.shape[-1]), mode='drop'),
+          valid.at[where].set(True, mode='drop'))
+
+
+def gather_reps(flat: jax.Array, index: jax.Array) -> jax.Array:
+  """(B, S, D): each slot's row of flat (zeros for empty slots)."""
+  return jnp.where((index >= 0)[..., None], flat[jnp.maximum(index, 0)], 0.0)
+
+
+def by_side(flat: jax.Array, sides, n: int) -> dict:
+  return {s: flat[SIDES.index(s) * n:(SIDES.index(s) + 1) * n] for s in sides}
+
+
 def make_stage2_grads(graphdef, cfg: Stage2StepConfig):
   """(params, frozen, batch, key) -> (loss, grads)."""
   sides = _sides(cfg)
 
-  def side_key(key, i):
-    return jax.random.fold_in(key, i)
-
-  def encode(params, frozen, side, key, ids, vision=None):
+  def encode(params, frozen, rows, key, vision=None):
     model = nnx.merge(graphdef, params, frozen)
-    return embed_side(model, side, DropoutContext.for_rows(key, ids), vision)
+    return embed_side(model, rows, DropoutContext.for_tokens(key, rows['token_ids'], rows['token_offsets']), vision)
 
-  def plain(params, frozen, batch, key):
+  def loss_of(flat, valid, n):
+    return info_nce(by_side(flat, sides, n), by_side(valid, sides, n), cfg)
+
+  def plain(params, frozen, batch, key, n, dim):
     def loss_fn(params):
-      reps = {s: encode(params, frozen, batch[s], side_key(key, i), batch[s]['example_ids'])
-              for i, s in enumerate(sides)}
-      return info_nce(reps, {s: batch[s]['example_valid'] for s in sides}, cfg)
+      flat, valid = jnp.zeros((len(SIDES) * n, dim), jnp.float32), jnp.zeros(len(SIDES) * n, bool)
+      for name in row_sets(batch):
+        rows = batch[name]
+        flat, valid = scatter_reps(flat, valid, encode(params, frozen, rows, key), rows['rep_index'])
+      return loss_of(flat, valid, n)
     return jax.value_and_grad(loss_fn)(params)
 
-  def grad_cache(params, frozen, batch, key):
-    n = cfg.chunks
+  def grad_cache(params, frozen, batch, key, n, dim):
+    chunks = cfg.chunks
     vision_frozen = cfg.reuse_frozen_vision and 'visual' not in params
+    names = row_sets(batch)
     chunked, groups = {}, {}
-    for s in sides:
-      side = {k: v for k, v in batch[s].items() if k in ('inputs', 'compression_positions', 'example_valid')}
-      rows = side['example_valid'].shape[0]
-      side['ids'] = batch[s]['example_ids']
-      inputs = side['inputs']
-      groups[s] = inputs.pixel_patches.shape[0] if inputs.pixel_patches is not None else rows
-      chunked[s] = split_micro_batches(side, n, groups[s])
+    for name in names:
+      rows = {k: v for k, v in batch[name].items()
+              if k in ('inputs', 'compression_positions', 'rep_index', 'token_ids', 'token_offsets')}
+      inputs = rows['inputs']
+      groups[name] = inputs.pixel_patches.shape[0] if inputs.pixel_patches is not None else inputs.input_ids.shape[0]
+      chunked[name] = split_micro_batches(rows, chunks, groups[name])
 
     # Pass 1: every representation, no gradients; keep a frozen tower's outputs.
-    def forward_chunk(carry, chunk_and_key):
-      chunk, key_s = chunk_and_key
+    def forward_chunk(carry, chunk):
       model = nnx.merge(graphdef, params, frozen)
       vision = model.visual(chunk['inputs']) if vision_frozen and chunk['inputs'].has_vision else None
-      rep = embed_side(model, chunk, DropoutContext.for_rows(key_s, chunk['ids']), vision)
-      return carry, (jax.lax.stop_gradient(rep), vision)
+      ctx = DropoutContext.for_tokens(key, chunk['token_ids'], chunk['token_offsets'])
+      return carry, (jax.lax.stop_gradient(embed_side(model, chunk, ctx, vision)), vision)
 
-    reps, visions = {}, {}
-    for i, s in enumerate(sides):
-      keys = jnp.broadcast_to(jax.random.key_data(side_key(key, i)), (n,) + jax.random.key_data(key).shape)
-      _, (r, v) = jax.lax.scan(forward_chunk, None, (chunked[s], jax.random.wrap_key_data(keys)))
-      reps[s], visions[s] = merge_micro_batches(r, groups[s], n), v
+    flat, valid, visions = jnp.zeros((len(SIDES) * n, dim), jnp.float32), jnp.zeros(len(SIDES) * n, bool), {}
+    for name in names:
+      _, (r, visions[name]) = jax.lax.scan(forward_chunk, None, chunked[name])
+      flat, valid = scatter_reps(flat, valid, merge_micro_batches(r, groups[name], chunks), batch[name]['rep_index'])
 
     # Pass 2: the loss and its gradient with respect to the representations (global batch).
-    valid = {s: batch[s]['example_valid'] for s in sides}
-    loss, rep_grads = jax.value_and_grad(lambda r: info_nce(r, valid, cfg))(reps)
+    loss, flat_grad = jax.value_and_grad(lambda f: loss_of(f, valid, n))(flat)
 
     # Pass 3: re-forward chunk by chunk with a VJP, accumulating parameter gradients.
     grads = jax.tree.map(jnp.zeros_like, params)
-    for i, s in enumerate(sides):
-      cot = split_micro_batches({'inputs': batch[s]['inputs'], 'g': rep_grads[s]}, n, groups[s])['g']
-      key_s = side_key(key, i)
+    for name in names:
+      g = gather_reps(flat_grad, batch[name]['rep_index'])
+      cot = split_micro_batches({'inputs': batch[name]['inputs'], 'g': g}, chunks, groups[name])['g']
 
-      def backward_chunk(acc, xs, key_s=key_s):
+      def backward_chunk(acc, xs):
         chunk, g, vision = xs
-        _, vjp = jax.vjp(lambda p: encode(p, frozen, chunk, key_s, chunk['ids'], vision), params)
+        _, vjp = jax.vjp(lambda p: encode(p, frozen, chunk, key, vision), params)
         return jax.tree.map(jnp.add, acc, vjp(g)[0]), None
 
-      grads, _ = jax.lax.scan(backward_chunk, grads, (chunked[s], cot, visions[s]))
+      grads, _ = jax.lax.scan(backward_chunk, grads, (chunked[name], cot, visions[name]))
     return loss, grads
 
   impl = plain if cfg.chunks == 1 else grad_cache
 
   def grads(params, frozen, batch, key):
-    return impl(params, frozen, {s: with_example_ids(batch[s]) for s in sides}, key)
+    model_dim = nnx.merge(graphdef, params, frozen).config.text.hidden_size
+    batch = {name: with_token_ids(batch[name]) for name in row_sets(batch)} | (
+        {'example_ids': batch['example_ids']} if 'example_ids' in batch else {})
+    return impl(params, frozen, batch, key, num_examples(batch), model_dim)
   return grads
 
 
@@ -149,7 +186,7 @@ def make_stage2_step(graphdef, tx: optax.GradientTransformation, cfg: Stage2Step
   grads_of = make_stage2_grads(graphdef, cfg)
 
   def step(state: TrainState, batch: dict, key: jax.Array):
-    loss, grads = grads_of(state.params, state.frozen, {s: batch[s] for s in _sides(cfg)}, key)
+    loss, grads = grads_of(state.params, state.frozen, batch, key)
     return apply_gradients(state, loss, grads, tx, cfg.first_trainable_embedding_row)
 
   return step

@@ -1,5 +1,5 @@
 """The optimizer update shared by both stages: frozen embedding rows masked before clipping,
-non-finite updates skipped and counted; and the per-example ids dropout keys derive from."""
+non-finite updates skipped and counted; and the per-token ids dropout keys derive from."""
 from __future__ import annotations
 
 import jax
@@ -14,11 +14,13 @@ def _is_embedding(path) -> bool:
   return 'embed_tokens' in keys and 'embedding' in keys
 
 
-def with_example_ids(batch: dict) -> dict:
-  """Dropout keys derive from (seed, step, global example id): loaders give `example_ids`; a
-  hand-made batch falls back to its row numbers."""
-  if 'example_ids' not in batch:
-    batch = dict(batch, example_ids=jnp.arange(batch['example_valid'].shape[0], dtype=jnp.int32))
+def with_token_ids(batch: dict) -> dict:
+  """Dropout keys derive from (seed, step, sequence id, offset in the sequence): collated batches
+  carry `token_ids` / `token_offsets`; a hand-made batch falls back to its row numbers."""
+  if 'token_ids' not in batch:
+    b, length = batch['inputs'].input_ids.shape
+    batch = dict(batch, token_ids=jnp.broadcast_to(jnp.arange(b, dtype=jnp.int32)[:, None], (b, length)),
+                 token_offsets=jnp.broadcast_to(jnp.arange(length, dtype=jnp.int32), (b, length)))
   return batch
 
 
