@@ -35,6 +35,7 @@ def main(argv=None):
   from ml_collections import config_flags
 
   from coma_jax.parallel.mesh import make_mesh
+  from coma_jax.data.batching import Bucket
   from coma_jax.training import from_config
   from coma_jax.training.abstract_batch import abstract_stage1_batch, abstract_stage2_batch
   from coma_jax.training.sharded_setup import build_train_setup
@@ -68,23 +69,32 @@ def main(argv=None):
                               optim=from_config.optim_config(c), trainable=from_config.trainable_config(c),
                               frozen_dtype=from_config.DTYPES[c.model.frozen_dtype],
                               frozen_replicated=c.mesh.frozen_replicated)
-    bucket = from_config.buckets(c)[flags.FLAGS.bucket]
-    if stage2:
-      batch = abstract_stage2_batch(model.config, c.data.global_batch, bucket, c.model.num_compression_tokens,
-                                    mesh, rules, from_config.sides(c), pixel_dtype=from_config.DTYPES[c.model.dtype])
+    pixel_dtype, k, n = from_config.DTYPES[c.model.dtype], c.model.num_compression_tokens, c.data.global_batch
+    n_sides = len(from_config.sides(c)) if stage2 else 1
+    if c.data.packing:  # rows of several examples; each row its own vision group
+      packed = from_config.packed_buckets(c)[flags.FLAGS.bucket]
+      bucket, rows, groups = Bucket(packed.seq_len, packed.vision_slots, packed.label_slots), packed.rows, packed.rows
+      if stage2:
+        batch = abstract_stage2_batch(model.config, n, bucket, k, mesh, rules, from_config.sides(c), pixel_dtype,
+                                      packed_rows=rows, slots_per_row=c.data.max_per_row)
+      else:
+        batch = abstract_stage1_batch(model.config, rows, bucket, k, mesh, rules, pixel_dtype=pixel_dtype,
+                                      slots_per_row=c.data.max_per_row, examples=n)
     else:
-      batch = abstract_stage1_batch(model.config, c.data.global_batch, bucket, c.model.num_compression_tokens,
-                                    mesh, rules, pixel_dtype=from_config.DTYPES[c.model.dtype])
+      bucket = from_config.buckets(c)[flags.FLAGS.bucket]
+      rows, groups = n * n_sides, n * n_sides // c.data.examples_per_group
+      if stage2:
+        batch = abstract_stage2_batch(model.config, n, bucket, k, mesh, rules, from_config.sides(c), pixel_dtype)
+      else:
+        batch = abstract_stage1_batch(model.config, n, bucket, k, mesh, rules, pixel_dtype=pixel_dtype)
     key = jax.ShapeDtypeStruct((), jax.random.key(0).dtype)
     compiled = setup.step.lower(setup.state, batch, key).compile()
     mem = compiled.memory_analysis()
     cost = compiled.cost_analysis() or {}
     cost = cost[0] if isinstance(cost, list) else cost
-    groups = c.data.global_batch // c.data.examples_per_group
-    sequences = c.data.global_batch * (len(batch) if stage2 else 1)
-    flops = step_flops(model.config, sequences=sequences, length=bucket.seq_len,
-                       vision_patches=groups * bucket.vision_slots * (len(batch) if stage2 else 1),
-                       label_positions=0 if stage2 else c.data.global_batch * bucket.label_slots,
+    flops = step_flops(model.config, sequences=rows, length=bucket.seq_len,
+                       vision_patches=groups * bucket.vision_slots,
+                       label_positions=0 if stage2 else rows * bucket.label_slots,
                        llm_trains=c.trainable.full, vision_trains=c.trainable.vision or c.trainable.full,
                        paper_mask=not stage2 and c.stage1.mask == 'paper', full_remat=c.model.remat == 'full',
                        grad_cache=stage2 and c.stage2.chunks > 1,
@@ -94,9 +104,11 @@ def main(argv=None):
     gib = lambda b: b / 2**30
     print(f'plan: {c.stage} {os.path.basename(str(c.model.hf_config or "inline config"))} on mesh '
           f'{dict(mesh.shape)} ({n_devices} fake CPU devices)')
-    split = (f'GradCache {c.stage2.chunks} chunks of {c.data.global_batch // c.stage2.chunks} per side'
+    unit = 'packed rows' if c.data.packing else 'rows per side'
+    split = (f'GradCache {c.stage2.chunks} chunks of {rows // n_sides // c.stage2.chunks if not c.data.packing else rows // c.stage2.chunks} {unit}'
              if stage2 else f'{c.stage1.micro_batches} micro-batches; mask {c.stage1.mask}')
-    print(f'  global batch {c.data.global_batch} x bucket {bucket}, {split}; remat {c.model.remat}; '
+    shape = f'{rows} packed rows x {bucket}' if c.data.packing else f'bucket {bucket}'
+    print(f'  global batch {c.data.global_batch} examples, {shape}, {split}; remat {c.model.remat}; '
           f'compute {c.model.dtype}, frozen {c.model.frozen_dtype}')
     print(f'  params: trainable {n_params:,} (fp32 + Adam), frozen {n_frozen:,}')
     print(f'  per-device memory: arguments {gib(mem.argument_size_in_bytes):.2f} GiB, outputs '

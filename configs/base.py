@@ -38,16 +38,27 @@ def get_config(variant: str = 'stage1') -> ml_collections.ConfigDict:
       on_bad_record='skip',  # or 'error': stop at the first bad record, naming it
       max_bad_fraction=0.05,  # stop when more of the records read are bad (e.g. a wrong image root)
       min_pixels=28 * 28 * 256, max_pixels=28 * 28 * 1024,
-      # (seq_len, vision_slots, label_slots): 256-1024 visual tokens, up to 8192 tokens.
+      # Unpacked (one example per row; validation always): (seq_len, vision_slots, label_slots):
+      # 256-1024 visual tokens, up to 8192 tokens.
       buckets=((2048, 4608, 1024), (4096, 4608, 2048), (8192, 9216, 4096)),
+      # Packing (data/packing.py): several examples per row, the step's examples packed first fit
+      # decreasing into the smallest bucket (rows over all processes, seq_len, vision_slots per row,
+      # label_slots per row) that holds them. Off (`--config.data.packing=False`): `buckets`.
+      packing=True,
+      packed_buckets=((32, 6144, 21504, 3072), (32, 7168, 25088, 3584), (32, 8192, 28672, 4096)),
+      max_per_row=16,  # sequences per packed row
   )
   if variant == 'stage1':
+    # micro_batches: 4 packed micro-batches of 32 rows hold what 32 unpacked ones of 8 rows of 8192 do
+    # (set 32 with data.packing=False).
     c.stage1 = dict(mask='paper', label_mode='answers', multi_turn=True, normalisation='example_mean',
-                    micro_batches=32, loss_chunk=512)
+                    micro_batches=4, loss_chunk=512)
   else:
     c.train.steps = 1500
     c.data.global_batch = 1024
     c.data.buckets = ((1024, 4608, 0), (2048, 4608, 0))
+    # All sides together: 2 x 1024 sequences of ~100-1000 tokens; 512 rows for hard negatives.
+    c.data.packed_buckets = ((384, 1792, 7168, 0), (384, 2048, 8192, 0), (512, 2048, 8192, 0), (512, 2304, 9216, 0))
     c.stage2 = dict(temperature=0.03, bidirectional=False, hard_negatives=False,
                     chunks=16,  # GradCache chunks of the global batch (1 = no GradCache)
                     reuse_frozen_vision=True,

@@ -36,6 +36,7 @@ def get_config(variant: str = 'stage1'):
     c.train.steps = 150
     c.optim.learning_rate = 3e-4  # 1e-3 fit stage 1 far better but left stage 2 worse (docs/demo.md)
     c.data.buckets = ((128, 64, 12),)  # one image, up to three short answers
+    c.data.packed_buckets = ((8, 416, 256, 48), (8, 512, 256, 48))  # 4 examples of <= 104 tokens per row
     c.stage1.micro_batches = 1
     c.validation.every = 100
     c.validation.max_examples = 256
@@ -43,6 +44,7 @@ def get_config(variant: str = 'stage1'):
     c.train.steps = 1100
     c.optim.learning_rate = 3e-4  # 5e-4 learned less; 1e-3 collapsed to ln(batch) in a prototype
     c.data.buckets = ((64, 64, 0),)
+    c.data.packed_buckets = ((8, 320, 512, 0), (8, 384, 512, 0), (16, 320, 512, 0))  # both sides of 32 pairs
     # Two tasks per step (blocks of 16 at batch 32: blocks of 8 learned less); follows a batch override.
     c.data.block_size = c.data.get_ref('global_batch') // 2
     c.data.subset_caps = ''

@@ -30,9 +30,12 @@ def get_config(variant: str = 'stage1'):
     # One image, two images (the demo's 112 px images: 64 patches each); 6 label slots cut the
     # longer dialogues (counted truncations).
     c.data.buckets = ((256, 64, 6), (256, 128, 6))
+    # 8 rows (the tests' 8 fake devices); 64 vision slots: one image per row, 128: two images share one.
+    c.data.packed_buckets = ((8, 256, 64, 6), (8, 256, 128, 6))  # 6 labels per row: some dialogues are cut
     c.stage1.micro_batches = 2
   else:
     c.data.buckets = ((128, 512, 0),)
+    c.data.packed_buckets = ((8, 256, 512, 0),)
     c.data.block_size = 4
     c.stage2.chunks = 2
     c.stage2.require_init_from = False  # may start from random weights (smoke runs)

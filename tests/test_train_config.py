@@ -93,6 +93,8 @@ def bad(change, variant='stage1'):
     ('stage1', lambda c: setattr(c.model, 'num_compression_tokens', 0), 'model.num_compression_tokens'),
     ('stage1', lambda c: setattr(c.stage1, 'mask', 'bidirectional'), 'stage1.mask'),
     ('stage1', lambda c: setattr(c.data, 'buckets', ((256, 512, 0),)), 'data.buckets'),
+    ('stage1', lambda c: setattr(c.data, 'packed_buckets', ((12, 256, 128, 12),)), 'data.packed_buckets'),
+    ('stage1', lambda c: setattr(c.data, 'packed_buckets', ((8, 256, 128, 0),)), 'data.packed_buckets'),
     ('stage2', lambda c: setattr(c.stage2, 'require_init_from', True), 'init_from'),
     ('stage1', lambda c: setattr(c.mesh, 'shape', (16, 1, 1)), 'mesh.shape'),
     ('stage1', lambda c: setattr(c.data, 'data_dir', ''), 'data.data_dir'),

@@ -82,7 +82,7 @@ def test_the_workdir_and_its_metrics(uninterrupted):
     assert all(field in r for r in rows.values()), field
   assert rows[1]['mfu'] is None  # no peak FLOP/s is known for a CPU
   buckets = {(r['bucket_seq_len'], r['bucket_vision_slots']) for r in rows.values()}
-  assert len(buckets) == 2  # both of tiny's buckets (one image, two images) were used
+  assert len(buckets) == 2  # both of tiny's packed buckets (one image, two images per row) were used
   # Through the real loaders: one compilation per bucket used, truncation or not.
   assert f'step compilations in this process: {len(buckets)}' in log
   assert sum(r['truncations'] for r in rows.values()) > 0

@@ -98,3 +98,21 @@ def check_config(c, num_devices: int, process_count: int = 1, abstract: bool = F
     if s.require_init_from:
       _require(bool(c.init_from), 'init_from', 'this stage-2 config starts from a stage-1 workdir '
                '(or set stage2.require_init_from=False)')
+  _check_packing(c, shards, process_count, stage1)
+
+
+def _check_packing(c, shards: int, process_count: int, stage1: bool) -> None:
+  """After the stage's own checks: a packed bucket's rows split like the unpacked batch's."""
+  d = c.data
+  splits = ('stage1.micro_batches', c.stage1.micro_batches) if stage1 else ('stage2.chunks', c.stage2.chunks)
+  _require(d.max_per_row >= 1, 'data.max_per_row', f'must be >= 1, got {d.max_per_row}')
+  if d.packing:
+    _require(len(d.packed_buckets) >= 1 and all(len(b) == 4 and min(b[:2]) >= 1 for b in d.packed_buckets),
+             'data.packed_buckets', 'needs (rows, seq_len, vision_slots, label_slots) with rows, seq_len >= 1')
+    for rows, *_ in d.packed_buckets:
+      _require(rows % shards == 0 and rows % splits[1] == 0 and rows % process_count == 0, 'data.packed_buckets',
+               f'{rows} rows do not split over the {shards} batch shards, the {splits[1]} {splits[0]} and the '
+               f'{process_count} processes')
+    if stage1:
+      _require(all(b[3] > 0 for b in d.packed_buckets), 'data.packed_buckets',
+               f'stage 1 needs label slots in every packed bucket (the fourth number), got {tuple(d.packed_buckets)}')

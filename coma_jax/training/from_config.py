@@ -94,6 +94,11 @@ def buckets(c) -> tuple[Bucket, ...]:
   return parse_buckets([tuple(b) for b in c.data.buckets])
 
 
+def packed_buckets(c):
+  from coma_jax.data.packing import parse_packed_buckets
+  return parse_packed_buckets([tuple(b) for b in c.data.packed_buckets])
+
+
 def rules(c) -> dict:
   return rules_dict([tuple(r) for r in c.mesh.rules])
 

@@ -55,7 +55,9 @@ class Run:
     common = dict(global_batch=d.global_batch, buckets=[tuple(b) for b in d.buckets], seed=c.seed,
                   examples_per_group=d.examples_per_group, start_step=start_step, end_step=c.train.steps,
                   num_workers=d.num_workers, process_index=jax.process_index(), process_count=jax.process_count(),
-                  on_bad_record=d.on_bad_record, max_bad_fraction=d.max_bad_fraction, **self.sequence_kw())
+                  on_bad_record=d.on_bad_record, max_bad_fraction=d.max_bad_fraction,
+                  packed_buckets=[tuple(b) for b in d.packed_buckets] if d.packing else None,
+                  max_per_row=d.max_per_row, **self.sequence_kw())
     if self.stage2:
       caps = reference_subset_caps() if d.subset_caps == 'reference' else None
       return stage2_loader(d.data_dir, self.model_config, self.tokenizer, block_size=d.block_size, caps=caps,
