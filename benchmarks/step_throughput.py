@@ -3,6 +3,12 @@ run, with the same model, batch and trainable set (DoRA r16 a64 on q/k/v/o, all 
 frozen vision tower).
 
   python benchmarks/step_throughput.py --stage 1|2 [--steps 5] [--batch 8] [--length 256] [--chunks 2]
+  python benchmarks/step_throughput.py --setting mixed --stage 1|2 [--batch 32]
+
+Mixed (packing): examples of mixed lengths (112-336 px images, 16-144 visual tokens, dialogues of
+24-480 tokens; stage 2: image queries, text positives), one coma_jax step on the loaders' unpacked
+batch (one example per row, the smallest fitting bucket) and on their packed batch (rows of 1024
+tokens, first fit decreasing, the smallest fitting row count), side by side: examples/s and ratio.
 
 Stage 2: query (224 px image + text) and positive (text) sides of `length` tokens, InfoNCE over the
 batch, GradCache in `chunks` chunks on both sides (torch: the reference's two-pass GradCache).
@@ -217,8 +223,116 @@ def torch_stage2_time(hf_dir, pairs, batch, steps, chunks, full_logits: bool):
   return time_it(run, steps)
 
 
+MIXED_SIZES = (112, 168, 224, 280, 336)
+
+
+def mixed_examples(batch: int, stage: int, seed: int = 2):
+  """Stage 1: [Example]; stage 2: [{'query', 'positive'}], of mixed lengths (see the docstring)."""
+  from coma_jax.data.image import ImageSettings, ResizedImage
+  from coma_jax.data.sequences import IGNORE, Example
+  rng = np.random.default_rng(seed)
+  comp = list(range(151665, 151697))
+  text = lambda lo, hi: list(rng.integers(0, 151643, int(rng.integers(lo, hi + 1))))
+
+  def image():
+    size = int(rng.choice(MIXED_SIZES))
+    img = ResizedImage(rng.integers(0, 256, (size, size, 3)).astype(np.uint8), ImageSettings())
+    t, h, w = img.grid
+    return img, [151652] + [151655] * (t * h * w // 4) + [151653]
+
+  out = []
+  for i in range(batch):
+    img, block = image()
+    if stage == 1:
+      prefix, dialogue = block + text(8, 40), text(24, 480)
+      tokens = np.array(prefix + comp + dialogue, np.int32)
+      roles = np.array([1] * len(prefix) + [2] * 32 + [3] * len(dialogue), np.int8)
+      answer = np.arange(len(tokens)) >= len(prefix) + 32 + len(dialogue) // 3
+      out.append(Example(f'm{i}', tokens, roles, np.where(answer, tokens, IGNORE).astype(np.int32), [img], [img.grid]))
+      continue
+    pair = {}
+    for name, toks, images in (('query', block + text(8, 60), [img]), ('positive', text(8, 120), [])):
+      tokens = np.array(toks + comp, np.int32)
+      pair[name] = Example(f'{name}{i}', tokens, np.array([1] * len(toks) + [2] * 32, np.int8),
+                           np.full(len(tokens), IGNORE, np.int32), images, [im.grid for im in images])
+    out.append(pair)
+  return out
+
+
+def mixed_packing(args):
+  """The same examples, unpacked and packed, through one coma_jax step each: examples/s."""
+  import jax
+  from flax import nnx
+  from coma_jax.data.batching import parse_buckets
+  from coma_jax.data.packing import parse_packed_buckets
+  from coma_jax.data.step_batches import BatchSpec, step_batch
+  from coma_jax.hf import load_pretrained
+  from coma_jax.model.lora import AdapterConfig, apply_adapters
+  from coma_jax.parallel.mesh import make_mesh
+  from coma_jax.parallel.rules import rules_dict
+  from coma_jax.training.sharded_setup import build_train_setup
+  from coma_jax.training.optim import OptimConfig, TrainableConfig
+  from coma_jax.training.stage1 import Stage1StepConfig, make_stage1_step
+  from coma_jax.training.stage2 import Stage2StepConfig, make_stage2_step
+  examples = mixed_examples(args.batch, args.stage)
+  n = args.batch
+  if args.stage == 1:
+    sides, unpacked = None, [(256, 576, 128), (512, 576, 256), (768, 576, 512)]
+    packed = [(r, args.packed_len, args.packed_len * 5 // 4, args.packed_len // 2) for r in range(2, n + 1, 2)]
+    step_cfg = Stage1StepConfig(mask='paper', loss_remat=False)
+    make = lambda g, tx: make_stage1_step(g, tx, step_cfg)
+  else:
+    sides, unpacked = ('query', 'positive'), [(64, 0, 0), (128, 576, 0), (256, 576, 0)]
+    packed = [(r, args.packed_len, args.packed_len * 7 // 4, 0) for r in range(2, 2 * n + 1, 2)]
+    step_cfg = Stage2StepConfig(chunks=args.chunks)
+    make = lambda g, tx: make_stage2_step(g, tx, step_cfg)
+  results = {}
+  with tempfile.TemporaryDirectory() as hf_dir:
+    tiny_hf_model().save_pretrained(hf_dir)
+    for mode, spec in (('unpacked', BatchSpec(None, parse_buckets(unpacked), 1, 32, sides=sides)),
+                       ('packed', BatchSpec(None, None, 1, 32, sides=sides, packed_buckets=parse_packed_buckets(packed)))):
+      model = load_pretrained(hf_dir)
+      apply_adapters(model, AdapterConfig(rank=16, alpha=64, dropout=float(os.environ.get("DROPOUT", "0.1"))), nnx.Rngs(0))
+      spec.model_config = model.config
+      batch, bucket, _ = step_batch(spec, examples, range(n))
+      sets = [batch] if sides is None else [batch[k] for k in batch if k != 'example_ids']
+      token_slots = sum(b['inputs'].input_ids.size for b in sets)
+      tokens = sum(int(b['inputs'].token_valid.sum()) for b in sets)
+      setup = build_train_setup(model, make_mesh((1, 1, 1), jax.devices()[:1]), make, rules=rules_dict(()),
+                                optim=OptimConfig(total_steps=100), trainable=TrainableConfig())
+      placed, holder = jax.device_put(batch), {'state': setup.state}
+
+      def run():
+        holder['state'], metrics = setup.step(holder['state'], placed, jax.random.key(0))
+        jax.block_until_ready(metrics['loss'])
+      seconds = time_it(run, args.steps)
+      results[mode] = dict(seconds=seconds, rate=n / seconds, padding=1 - tokens / token_slots, bucket=bucket)
+      print(f'{mode}: {seconds:.3f} s/step, {n / seconds:.2f} examples/s, token padding {1 - tokens / token_slots:.0%}, '
+            f'bucket {bucket}', flush=True)
+  u, p = results['unpacked'], results['packed']
+  print(f'machine: {platform.machine()}, {os.cpu_count()} CPUs; stage {args.stage}, mixed lengths, batch {n}, '
+        f'median of {args.steps} steps after 2 warm-up steps, fp32')
+  print('| layout | s/step | examples/s | token padding | shape |\n|---|---|---|---|---|')
+  for mode, r in results.items():
+    print(f'| {mode} | {r["seconds"]:.3f} | {r["rate"]:.2f} | {r["padding"]:.0%} | {r["bucket"]} |')
+  print(f'packed / unpacked examples/s: {p["rate"] / u["rate"]:.2f}x')
+
+
+def tiny_hf_model():
+  from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
+  hf = Qwen2_5_VLConfig(
+      text_config=dict(vocab_size=151936, hidden_size=256, intermediate_size=512, num_hidden_layers=4,
+                       num_attention_heads=4, num_key_value_heads=2, rms_norm_eps=1e-6,
+                       rope_parameters=dict(rope_type='default', rope_theta=1e6, mrope_section=[8, 12, 12])),
+      vision_config=dict(depth=4, hidden_size=128, intermediate_size=256, num_heads=4, out_hidden_size=256,
+                         window_size=112, fullatt_block_indexes=[1, 3]), tie_word_embeddings=True)
+  return Qwen2_5_VLForConditionalGeneration(hf)
+
+
 def main():
   parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+  parser.add_argument('--setting', default='uniform', choices=['uniform', 'mixed'])
+  parser.add_argument('--packed_len', type=int, default=1024, help='mixed: the packed rows\' length')
   parser.add_argument('--stage', type=int, default=1, choices=[1, 2])
   parser.add_argument('--chunks', type=int, default=2)
   parser.add_argument('--steps', type=int, default=5)
@@ -226,18 +340,14 @@ def main():
   parser.add_argument('--length', type=int, default=256)
   args = parser.parse_args()
   import torch
-  from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
   torch.manual_seed(0)
   torch.set_num_threads(os.cpu_count() or 1)
-  hf = Qwen2_5_VLConfig(
-      text_config=dict(vocab_size=151936, hidden_size=256, intermediate_size=512, num_hidden_layers=4,
-                       num_attention_heads=4, num_key_value_heads=2, rms_norm_eps=1e-6,
-                       rope_parameters=dict(rope_type='default', rope_theta=1e6, mrope_section=[8, 12, 12])),
-      vision_config=dict(depth=4, hidden_size=128, intermediate_size=256, num_heads=4, out_hidden_size=256,
-                         window_size=112, fullatt_block_indexes=[1, 3]), tie_word_embeddings=True)
+  if args.setting == 'mixed':
+    mixed_packing(args)
+    return
   if args.stage == 2:
     with tempfile.TemporaryDirectory() as hf_dir:
-      Qwen2_5_VLForConditionalGeneration(hf).save_pretrained(hf_dir)
+      tiny_hf_model().save_pretrained(hf_dir)
       pairs = build_pairs(args.batch, args.length)
       ours, batch = jax_stage2_time(hf_dir, pairs, args.length, args.steps, args.chunks)
       ref_style = torch_stage2_time(hf_dir, pairs, batch, args.steps, args.chunks, full_logits=True)
@@ -246,7 +356,7 @@ def main():
     return
   examples = build_examples(args.batch, args.length)
   with tempfile.TemporaryDirectory() as hf_dir:
-    Qwen2_5_VLForConditionalGeneration(hf).save_pretrained(hf_dir)
+    tiny_hf_model().save_pretrained(hf_dir)
     ours_causal, batch = jax_step_time(hf_dir, examples, args.length, args.steps, 'causal')
     ours_paper, _ = jax_step_time(hf_dir, examples, args.length, args.steps, 'paper')
     ref_style = torch_step_time(hf_dir, examples, batch, args.steps, equal_work=False)

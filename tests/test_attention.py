@@ -10,7 +10,7 @@ import pytest
 
 from coma_jax.model import attention_blockwise
 from coma_jax.model.attention import attention, choose_implementation
-from coma_jax.model.attention_kernels import _prefix_lengths
+from coma_jax.model.attention_kernels import _prefix_lengths, packed_runs
 
 TOL = 1e-5
 
@@ -97,7 +97,9 @@ def test_cudnn_path_with_the_kernel_emulated(monkeypatch, layout):
   """cudnn_attention's own logic on CPU, with cuDNN swapped for JAX's XLA implementation of the
   same call: lengths from segment ids, the blockwise fallback for other layouts, padding rows
   zeroed by the fused branch only (which tells the branches apart)."""
+  from coma_jax.model import attention_kernels
   from coma_jax.model.attention_kernels import cudnn_attention
+  monkeypatch.setattr(attention_kernels, '_packed_cudnn_call', lambda: None)  # the packed branch: its own test
   real = jax.nn.dot_product_attention
   monkeypatch.setattr(jax.nn, 'dot_product_attention',
                       lambda *a, implementation=None, **kw: real(*a, implementation='xla', **kw))
@@ -119,6 +121,61 @@ def test_cudnn_path_with_the_kernel_emulated(monkeypatch, layout):
   grads_ref = jax.jit(jax.grad(loss(ref), argnums=(0, 1, 2)))(q, k, v)
   for a, b in zip(grads, grads_ref):
     assert np.abs(np.asarray(a - b)).max() <= TOL * max(1.0, float(np.abs(np.asarray(b)).max()))
+
+
+class _EmulatedPackedCudnn:
+  """JAX's packed cuDNN call, emulated on CPU: segments rebuilt from offsets and lengths, then
+  XLA attention (tests what cudnn_attention hands the kernel, not cuDNN itself)."""
+  from enum import Enum
+  MaskType = Enum('MaskType', 'PADDING PADDING_CAUSAL')
+
+  @staticmethod
+  def dot_product_attention(q, k, v, bias, mask, q_len, kv_len, q_off, kv_off, *, scale, mask_type):
+    pos = jnp.arange(q.shape[1])[None, :, None]
+    inside = (pos >= q_off[:, None, :-1]) & (pos < q_off[:, None, :-1] + q_len[:, None, :]) & (q_len[:, None, :] > 0)
+    seg = (inside * jnp.arange(1, q_len.shape[1] + 1)[None, None]).sum(-1)
+    return attention(q, k, v, q_segment_ids=seg, kv_segment_ids=seg, impl='xla',
+                     causal=mask_type == _EmulatedPackedCudnn.MaskType.PADDING_CAUSAL)
+
+
+@pytest.mark.parametrize('layout', ['packed_causal', 'packed_full', 'out_of_order'])
+def test_packed_cudnn_path_with_the_kernel_emulated(monkeypatch, layout):
+  """Packed rows (several segments) reach cuDNN's packed layout with the right offsets and lengths;
+  a layout it cannot take (segments out of order) goes to the blockwise fallback."""
+  from coma_jax.model import attention_kernels
+  monkeypatch.setattr(attention_kernels, '_packed_cudnn_call', lambda: _EmulatedPackedCudnn)
+  real = jax.nn.dot_product_attention
+  monkeypatch.setattr(jax.nn, 'dot_product_attention',
+                      lambda *a, implementation=None, **kw: real(*a, implementation='xla', **kw))
+  seg, causal = {'packed_causal': (_segments([(1, 20), (2, 30), (3, 10), (0, 4)], [(1, 64)]), True),
+                 'packed_full': (_segments([(1, 7), (2, 41), (0, 16)], [(1, 33), (2, 31)]), False),
+                 'out_of_order': (_segments([(2, 20), (1, 44)], [(1, 64)]), True)}[layout]
+  rng = np.random.default_rng(1)
+  q, k, v, w = _qkv(rng, 2, 64, 64, 4, 2, 16)
+  valid = np.asarray(seg != 0)
+  w = w * valid[:, :, None, None]
+  ours = lambda q, k, v: attention_kernels.cudnn_attention(q, k, v, seg, seg, causal=causal)
+  ref = lambda q, k, v: attention(q, k, v, q_segment_ids=seg, kv_segment_ids=seg, causal=causal, impl='xla')
+  out, out_ref = jax.jit(ours)(q, k, v), jax.jit(ref)(q, k, v)
+  assert np.abs(np.asarray(out - out_ref))[valid].max() <= TOL
+  if layout != 'out_of_order':  # the packed branch ran: it zeroes padding rows, the fallback does not
+    assert np.abs(np.asarray(out))[~valid].max() == 0
+  offsets, lengths, ok = packed_runs(seg)
+  assert np.asarray(ok).tolist() == [layout != 'out_of_order', True]
+  loss = lambda fn: lambda q, k, v: (fn(q, k, v) * w).sum()
+  grads = jax.jit(jax.grad(loss(ours), argnums=(0, 1, 2)))(q, k, v)
+  grads_ref = jax.jit(jax.grad(loss(ref), argnums=(0, 1, 2)))(q, k, v)
+  for a, b in zip(grads, grads_ref):
+    assert np.abs(np.asarray(a - b)).max() <= TOL * max(1.0, float(np.abs(np.asarray(b)).max()))
+
+
+def test_packed_runs_give_offsets_and_lengths():
+  seg = _segments([(1, 3), (2, 2), (0, 3)], [(0, 8)], [(1, 2), (0, 1), (1, 5)], [(1, 2), (3, 6)],
+                  [(1, 1), (2, 1), (3, 1), (4, 5)])
+  offsets, lengths, ok = packed_runs(seg, max_segments=3)
+  assert np.asarray(ok).tolist() == [True, True, False, False, False]  # a gap; a skipped id; 4 > 3 segments
+  assert np.asarray(offsets[0]).tolist() == [0, 3, 5, -1] and np.asarray(lengths[0]).tolist() == [3, 2, -1]
+  assert np.asarray(offsets[1]).tolist() == [0, 8, -1, -1] and np.asarray(lengths[1]).tolist() == [8, -1, -1]
 
 
 def test_prefix_lengths_accept_only_one_segment_then_padding():

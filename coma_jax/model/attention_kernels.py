@@ -3,9 +3,11 @@
 cuDNN (`jax.nn.dot_product_attention(implementation='cudnn')`) takes causal masks and per-row
 lengths, in bf16/fp16 only. Our calls describe masking by segment ids; a row whose query and key
 ids are one segment followed by padding (0) is exactly "length n", which is what collation makes.
-Any other row layout (left padding, several images in one vision row) is checked on the device
-and goes to the blockwise path instead (`lax.cond`), so the kernel can never give a wrong answer.
-Query rows past the length come back as zeros (they are padding; nothing reads them).
+A packed row (segments 1, 2, ..., n in contiguous runs, then padding; queries and keys alike) is
+cuDNN's packed layout: per-segment offsets and lengths (`PACKED_SEGMENTS` at most per row; JAX's
+cuDNN call with q/kv offsets, Hopper and later). Any other row layout (left padding, more segments)
+is checked on the device and goes to the blockwise path instead (`lax.cond`), so the kernel can
+never give a wrong answer. Query rows on padding come back as zeros (nothing reads them).
 
 Splash (TPU Pallas) takes separate query and key segment ids and causal or full masks; it pads to
 whole 128-blocks with a segment id no real row uses and runs under `shard_map` over the batch when
@@ -35,6 +37,41 @@ def _prefix_lengths(seg: jax.Array) -> tuple[jax.Array, jax.Array]:
   return length, jnp.all(seg == expected, axis=1)
 
 
+PACKED_SEGMENTS = 16  # the most segments of a row the packed cuDNN call takes (data.max_per_row's default)
+
+
+def packed_runs(seg: jax.Array, max_segments: int = PACKED_SEGMENTS):
+  """Per row: (offsets (B, M+1), lengths (B, M), ok (B,)) of segments 1..n laid out as contiguous
+  runs in order, then zeros (-1 past the row's last segment). An all-zero row is one segment (its
+  padding attends itself, as with segment ids). ok is False for any other layout or n > M."""
+  b, length = seg.shape
+  seg = seg.astype(jnp.int32)
+  count = (seg != 0).sum(1)
+  n = jnp.where(count > 0, seg.max(1), 1)
+  steps = seg[:, 1:] - seg[:, :-1]
+  inside = jnp.arange(1, length)[None] < count[:, None]  # both neighbours are real tokens
+  ok = ((seg[:, 0] == 1) | (count == 0)) & jnp.all(jnp.where(inside, (steps == 0) | (steps == 1), True), axis=1)
+  ok &= jnp.all((seg != 0) == (jnp.arange(length)[None] < count[:, None]), axis=1) & (n <= max_segments)
+  ids = jnp.where(count[:, None] > 0, seg, 1)
+  lengths = (ids[:, :, None] == jnp.arange(1, max_segments + 1)[None, None]).sum(1).astype(jnp.int32)
+  present = jnp.arange(max_segments)[None] < n[:, None]
+  starts = jnp.concatenate([jnp.zeros((b, 1), jnp.int32), jnp.cumsum(lengths, axis=1)], axis=1)
+  offsets = jnp.where(jnp.arange(max_segments + 1)[None] <= n[:, None], starts, -1).astype(jnp.int32)
+  return offsets, jnp.where(present, lengths, -1), ok
+
+
+def _packed_cudnn_call():
+  """JAX's cuDNN attention with packed offsets (a private entry point; None where absent)."""
+  try:
+    from jax._src.cudnn import fused_attention_stablehlo as fused
+  except ImportError:
+    return None
+  import inspect
+  if 'q_offsets' not in inspect.signature(fused.dot_product_attention).parameters:
+    return None
+  return fused
+
+
 def cudnn_attention(q, k, v, q_segment_ids, kv_segment_ids, *, causal: bool) -> jax.Array:
   q_len, q_ok = _prefix_lengths(q_segment_ids)
   kv_len, kv_ok = _prefix_lengths(kv_segment_ids)
@@ -49,7 +86,20 @@ def cudnn_attention(q, k, v, q_segment_ids, kv_segment_ids, *, causal: bool) -> 
   def fallback(q, k, v):
     return blockwise_attention(q, k, v, q_segment_ids, kv_segment_ids, causal=causal)
 
-  return jax.lax.cond(fits, fused, fallback, q, k, v)
+  kernel = _packed_cudnn_call()
+  if kernel is None or q.shape[1] != k.shape[1]:
+    return jax.lax.cond(fits, fused, fallback, q, k, v)
+  offsets, lengths, runs_ok = packed_runs(q_segment_ids)
+  packed_fits = jnp.all(runs_ok) & jnp.all(q_segment_ids == kv_segment_ids)
+
+  def fused_packed(q, k, v):
+    mask = kernel.MaskType.PADDING_CAUSAL if causal else kernel.MaskType.PADDING
+    out = kernel.dot_product_attention(q, k, v, None, None, lengths, lengths, offsets, offsets,
+                                       scale=q.shape[-1] ** -0.5, mask_type=mask)
+    return jnp.where((q_segment_ids != 0)[:, :, None, None], out, 0).astype(q.dtype)
+
+  return jax.lax.cond(fits, fused, lambda q, k, v: jax.lax.cond(packed_fits, fused_packed, fallback, q, k, v),
+                      q, k, v)
 
 
 def _splash_kernel(num_heads: int, t: int, s: int, causal: bool, interpret: bool):
