@@ -13,8 +13,11 @@ writing its JSON result to --out as soon as it has one:
   torch_3b  the same stage-2 step in transformers + peft + torch: bf16, SDPA, gradient checkpointing,
             the reference's two-pass GradCache, the same trainable set (DoRA r16 on q/k/v/o and
             every embedding row), AdamW;
-  jax_7b    the 7B stage-2 step (JAX only).
-Three JAX step compilations in all. Both sides: bf16 compute, frozen bf16 base, full remat.
+  jax_7b    the 7B stage-2 step (JAX only);
+  jax_3b_packing (asked for by --parts) the attention check, then each stage's 3B step on the same
+            mixed-length examples (448-896 px images; stage 2: 64 pairs, stage 1: 16 examples),
+            unpacked (one example per row) and packed (rows of 2048 / 4096 tokens): examples/s.
+Three JAX step compilations in the default parts. Both sides: bf16 compute, frozen bf16 base, full remat.
 MFU and HFU use training/flops.py's one FLOPs definition against the device's dense bf16 peak.
 Prints measured numbers only; not a test.
 """
@@ -41,11 +44,11 @@ SHAPES = {
     'real': dict(pairs=32, chunks=4, image_hw=(448, 896), query_text=96, positive_text=128,
                  query_len=768, positive_len=256, s1_rows=8, s1_micro=2, s1_len=2048, s1_labels=640,
                  steps=3, models={'jax_3b': 'qwen2_5_vl_3b.json', 'torch_3b': 'qwen2_5_vl_3b.json',
-                                           'jax_7b': 'qwen2_5_vl_7b.json'}),
+                                           'jax_7b': 'qwen2_5_vl_7b.json', 'jax_3b_packing': 'qwen2_5_vl_3b.json'}),
     'dry': dict(pairs=4, chunks=2, image_hw=(56, 112), query_text=12, positive_text=16,
                 query_len=64, positive_len=64, s1_rows=2, s1_micro=2, s1_len=128, s1_labels=64,
                 steps=1, models={'jax_3b': 'qwen2_5_vl_tiny.json', 'torch_3b': 'qwen2_5_vl_tiny.json',
-                                          'jax_7b': 'qwen2_5_vl_tiny.json'}),
+                                          'jax_7b': 'qwen2_5_vl_tiny.json', 'jax_3b_packing': 'qwen2_5_vl_tiny.json'}),
 }
 
 
@@ -155,7 +158,11 @@ def attention_check(shape_mode: str) -> dict:
   rng = np.random.default_rng(0)
   cases = {'text_causal_gqa': (2, 512, 16, 2, 128, True, [(1, 400), (0, 112)], [(1, 512)]),
            'text_left_padded': (2, 512, 16, 2, 128, True, [(0, 100), (1, 412)], [(1, 512)]),
-           'vision_full': (2, 1024, 16, 16, 80, False, [(1, 900), (0, 124)], [(1, 1024)])}
+           'vision_full': (2, 1024, 16, 16, 80, False, [(1, 900), (0, 124)], [(1, 1024)]),
+           # packed rows: cuDNN's packed layout (segment offsets and lengths)
+           'text_packed_causal': (2, 1024, 16, 2, 128, True, [(1, 300), (2, 200), (3, 400), (0, 124)],
+                                  [(1, 512), (2, 512)]),
+           'vision_full_packed': (2, 1024, 16, 16, 80, False, [(1, 256), (2, 576), (0, 192)], [(1, 1024)])}
   result = {}
   for name, (b, t, n, kv, d, causal, row0, row1) in cases.items():
     seg = jnp.asarray(np.stack([np.concatenate([np.full(c, s) for s, c in row]) for row in (row0, row1)]), jnp.int32)
@@ -172,7 +179,9 @@ def attention_check(shape_mode: str) -> dict:
       rel = lambda a, b: float(jnp.abs(a.astype(jnp.float32) - b.astype(jnp.float32)).max()
                                / (jnp.abs(b.astype(jnp.float32)).max() + 1e-12))
       out_err = rel(jnp.where(valid[:, :, None, None], out_c, 0), jnp.where(valid[:, :, None, None], out_x, 0))
-      result[name] = {'out_rel_err': out_err, 'grad_rel_err': max(rel(a, b) for a, b in zip(g_c, g_x))}
+      result[name] = {'out_rel_err': out_err, 'grad_rel_err': max(rel(a, b) for a, b in zip(g_c, g_x)),
+                      # the fused branches zero padding rows, the blockwise fallback does not
+                      'fused_ran': bool((~valid).any() and float(jnp.abs(out_c.astype(jnp.float32))[~valid].max()) == 0)}
     except Exception as e:  # noqa: BLE001 -- recorded, and the steps then run blockwise
       result[name] = {'error': f'{type(e).__name__}: {str(e)[:300]}'}
   result['ok'] = all('error' not in r and r['out_rel_err'] < 0.05 and r['grad_rel_err'] < 0.05
@@ -268,11 +277,14 @@ def part_jax(name: str, mode: str, out_dir: str) -> None:
   model_config = ModelConfig.from_json_file(hf_config_path(shape['models'][name]))
   device = f'{jax.devices()[0].device_kind} ({jax.default_backend()}), jax {jax.__version__}'
   impl = 'auto'
-  if name == 'jax_3b':
+  if name in ('jax_3b', 'jax_3b_packing'):
     check = attention_check(mode)
     write(out_dir, 'attention_check', dict(check, device=device))
     if check.get('skipped') is None and not check['ok']:
       impl = 'blockwise'  # the fused path failed its check: measure the portable one instead
+  if name == 'jax_3b_packing':
+    run_packing(model_config, mode, impl, dtype_name, out_dir, device)
+    return
   start = time.perf_counter()
   numbers, state = run_jax_stage2(model_config, shape, impl, dtype_name)
   write(out_dir, f'{name}_stage2', dict(numbers, device=device, attention=impl, wall_s=time.perf_counter() - start))
@@ -281,6 +293,69 @@ def part_jax(name: str, mode: str, out_dir: str) -> None:
     start = time.perf_counter()
     numbers = run_jax_stage1(model_config, shape, impl, dtype_name)
     write(out_dir, f'{name}_stage1', dict(numbers, device=device, attention=impl, wall_s=time.perf_counter() - start))
+
+
+# ----------------------------------------------------------------------------- packing
+
+MIXED = {  # mixed-length batches, unpacked against packed (the loaders' two layouts)
+    'real': dict(pairs=64, chunks=4, sizes=(448, 560, 672, 784, 896), query_text=(16, 96), positive_text=(8, 128),
+                 s2_buckets=[(256, 0, 0), (1280, 4608, 0)], s2_packed=[(r, 2048, 7168, 0) for r in (24, 28, 32, 40, 48)],
+                 s1_examples=16, s1_micro=2, dialogue=(64, 1024), s1_buckets=[(2304, 4608, 1024)],
+                 s1_packed=[(r, 4096, 9216, 2048) for r in (4, 6, 8, 10)], steps=3),
+    'dry': dict(pairs=8, chunks=2, sizes=(56, 84, 112), query_text=(4, 12), positive_text=(4, 16),
+                s2_buckets=[(64, 0, 0), (96, 256, 0)], s2_packed=[(r, 128, 512, 0) for r in (4, 6, 8)],
+                s1_examples=4, s1_micro=2, dialogue=(8, 48), s1_buckets=[(160, 256, 64)],
+                s1_packed=[(r, 256, 512, 128) for r in (2, 4)], steps=1),
+}
+
+
+def run_packing(model_config, mode: str, impl: str, dtype_name: str, out_dir: str, device: str) -> None:
+  """Each stage's step on the same mixed-length examples, unpacked then packed: examples/s."""
+  import jax
+  import jax.numpy as jnp
+  from coma_jax.data.batching import parse_buckets
+  from coma_jax.data.packing import parse_packed_buckets
+  from coma_jax.data.step_batches import BatchSpec, step_batch
+  from coma_jax.training.flops import batch_flops
+  from coma_jax.training.stage1 import Stage1StepConfig, make_stage1_step
+  from coma_jax.training.stage2 import Stage2StepConfig, make_stage2_step, row_sets
+  from synthetic_examples import mixed_examples
+  m = MIXED[mode]
+  k = len(COMPRESSION_IDS)
+  for stage in (2, 1):
+    n = m['pairs'] if stage == 2 else m['s1_examples']
+    examples = mixed_examples(n, stage, sizes=m['sizes'], dialogue=m['dialogue'], query_text=m['query_text'],
+                              positive_text=m['positive_text'])
+    sides = ('query', 'positive') if stage == 2 else None
+    if stage == 2:
+      cfg = Stage2StepConfig(chunks=m['chunks'], attention_impl=impl)
+      make = lambda g, tx: make_stage2_step(g, tx, cfg)
+    else:
+      cfg = Stage1StepConfig(micro_batches=m['s1_micro'], attention_impl=impl)
+      make = lambda g, tx: make_stage1_step(g, tx, cfg)
+    pixels = getattr(jnp, dtype_name)  # pixels travel in the compute dtype, as the loaders send them
+    specs = {'unpacked': BatchSpec(model_config, parse_buckets(m[f's{stage}_buckets']), 1, k, sides=sides,
+                                   pixel_dtype=pixels),
+             'packed': BatchSpec(model_config, None, 1, k, sides=sides, pixel_dtype=pixels,
+                                 packed_buckets=parse_packed_buckets(m[f's{stage}_packed']))}
+    for layout, spec in specs.items():
+      start = time.perf_counter()
+      batch, bucket, _ = step_batch(spec, examples, range(n))
+      sets = [batch[s] for s in row_sets(batch)] if stage == 2 else [batch]
+      setup = build_setup(model_config, make, impl, dtype_name)  # the step donates its state: a fresh one
+      placed = jax.device_put(batch)
+      compiled, compile_s = _compile(setup, setup.state, placed)
+      state, step_s, loss = _timed_steps(compiled, setup.state, placed, m['steps'])
+      del state, compiled, setup
+      tokens = sum(int(np.prod(b['inputs'].input_ids.shape)) for b in sets)
+      valid = sum(int(np.asarray(b['inputs'].token_valid).sum()) for b in sets)
+      flops = batch_flops(model_config, sets, paper_mask=stage == 1, full_remat=True, grad_cache=stage == 2,
+                          reused_vision=stage == 2)
+      numbers = _report_numbers(step_s, flops, tokens, valid, compile_s, loss,
+                                {'examples': n, 'examples_per_s': n / step_s, 'token_padding': 1 - valid / tokens,
+                                 'shape': str(bucket)})
+      write(out_dir, f'packing_stage{stage}_{layout}', dict(numbers, device=device, attention=impl,
+                                                             wall_s=time.perf_counter() - start))
 
 
 # ----------------------------------------------------------------------------- the torch part
@@ -367,8 +442,8 @@ def part_torch(name: str, mode: str, out_dir: str) -> None:
 
 # ----------------------------------------------------------------------------- driver
 
-PARTS = ('jax_3b', 'torch_3b', 'jax_7b')
-CAPS_S = {'jax_3b': 200, 'torch_3b': 160, 'jax_7b': 150}  # per-part wall-clock limits, real run
+PARTS = ('jax_3b', 'torch_3b', 'jax_7b', 'jax_3b_packing')
+CAPS_S = {'jax_3b': 200, 'torch_3b': 160, 'jax_7b': 150, 'jax_3b_packing': 450}  # per-part limits, real run
 
 
 def _load(out_dir, name):
@@ -399,6 +474,19 @@ def summary(out_dir: str) -> str:
   peak = next((r.get('peak_flops_assumed') for r in map(lambda n: _load(out_dir, n), ('jax_3b_stage2',)) if r), None)
   if peak:
     lines.append(f'MFU/HFU against {peak / 1e12:.0f} TFLOP/s dense bf16 per device (vendor spec).')
+  packing = {(st, lay): _load(out_dir, f'packing_stage{st}_{lay}') for st in (1, 2) for lay in ('unpacked', 'packed')}
+  if any(packing.values()):
+    lines += ['', '| mixed lengths | layout | examples/s | s/step | token padding | MFU | HFU | peak GiB | shape |',
+              '|---|---|---|---|---|---|---|---|---|']
+    for (st, lay), r in packing.items():
+      if r:
+        mem = '-' if r.get('peak_memory_gib') is None else f'{r["peak_memory_gib"]:.1f}'
+        lines.append(f'| stage {st} | {lay} | {r["examples_per_s"]:.2f} | {r["step_s"]:.3f} | {r["token_padding"]:.0%} | '
+                     f'{pct(r.get("mfu"))} | {pct(r.get("hfu"))} | {mem} | {r["shape"]} |')
+    for st in (1, 2):
+      u, p = packing[(st, 'unpacked')], packing[(st, 'packed')]
+      if u and p:
+        lines.append(f'stage {st}: packed / unpacked examples/s = {p["examples_per_s"] / u["examples_per_s"]:.2f}x')
   return '\n'.join(lines)
 
 
@@ -406,7 +494,7 @@ def main():
   parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
   parser.add_argument('--out', default=os.environ.get('OUT', 'gpu_step_out'))
   parser.add_argument('--dry-run', action='store_true', help='tiny model and shapes: checks the script runs')
-  parser.add_argument('--parts', default=','.join(PARTS))
+  parser.add_argument('--parts', default=','.join(PARTS[:3]))
   parser.add_argument('--part', choices=PARTS, help='run one part in this process (the driver runs each so)')
   parser.add_argument('--budget-s', type=float, default=480, help='the whole run, all parts')
   args = parser.parse_args()
@@ -430,6 +518,7 @@ def main():
       rc = 'timeout'
     print(f'[{name}] exit {rc} after {time.perf_counter() - start:.0f} s', flush=True)
   text = summary(args.out)
+  os.makedirs(args.out, exist_ok=True)
   with open(os.path.join(args.out, 'summary.md'), 'w') as f:
     f.write(text + '\n')
   print(text, flush=True)

@@ -226,39 +226,6 @@ def torch_stage2_time(hf_dir, pairs, batch, steps, chunks, full_logits: bool):
 MIXED_SIZES = (112, 168, 224, 280, 336)
 
 
-def mixed_examples(batch: int, stage: int, seed: int = 2):
-  """Stage 1: [Example]; stage 2: [{'query', 'positive'}], of mixed lengths (see the docstring)."""
-  from coma_jax.data.image import ImageSettings, ResizedImage
-  from coma_jax.data.sequences import IGNORE, Example
-  rng = np.random.default_rng(seed)
-  comp = list(range(151665, 151697))
-  text = lambda lo, hi: list(rng.integers(0, 151643, int(rng.integers(lo, hi + 1))))
-
-  def image():
-    size = int(rng.choice(MIXED_SIZES))
-    img = ResizedImage(rng.integers(0, 256, (size, size, 3)).astype(np.uint8), ImageSettings())
-    t, h, w = img.grid
-    return img, [151652] + [151655] * (t * h * w // 4) + [151653]
-
-  out = []
-  for i in range(batch):
-    img, block = image()
-    if stage == 1:
-      prefix, dialogue = block + text(8, 40), text(24, 480)
-      tokens = np.array(prefix + comp + dialogue, np.int32)
-      roles = np.array([1] * len(prefix) + [2] * 32 + [3] * len(dialogue), np.int8)
-      answer = np.arange(len(tokens)) >= len(prefix) + 32 + len(dialogue) // 3
-      out.append(Example(f'm{i}', tokens, roles, np.where(answer, tokens, IGNORE).astype(np.int32), [img], [img.grid]))
-      continue
-    pair = {}
-    for name, toks, images in (('query', block + text(8, 60), [img]), ('positive', text(8, 120), [])):
-      tokens = np.array(toks + comp, np.int32)
-      pair[name] = Example(f'{name}{i}', tokens, np.array([1] * len(toks) + [2] * 32, np.int8),
-                           np.full(len(tokens), IGNORE, np.int32), images, [im.grid for im in images])
-    out.append(pair)
-  return out
-
-
 def mixed_packing(args):
   """The same examples, unpacked and packed, through one coma_jax step each: examples/s."""
   import jax
@@ -274,7 +241,8 @@ def mixed_packing(args):
   from coma_jax.training.optim import OptimConfig, TrainableConfig
   from coma_jax.training.stage1 import Stage1StepConfig, make_stage1_step
   from coma_jax.training.stage2 import Stage2StepConfig, make_stage2_step
-  examples = mixed_examples(args.batch, args.stage)
+  from synthetic_examples import mixed_examples
+  examples = mixed_examples(args.batch, args.stage, sizes=MIXED_SIZES)
   n = args.batch
   if args.stage == 1:
     sides, unpacked = None, [(256, 576, 128), (512, 576, 256), (768, 576, 512)]
@@ -292,7 +260,7 @@ def mixed_packing(args):
     for mode, spec in (('unpacked', BatchSpec(None, parse_buckets(unpacked), 1, 32, sides=sides)),
                        ('packed', BatchSpec(None, None, 1, 32, sides=sides, packed_buckets=parse_packed_buckets(packed)))):
       model = load_pretrained(hf_dir)
-      apply_adapters(model, AdapterConfig(rank=16, alpha=64, dropout=float(os.environ.get("DROPOUT", "0.1"))), nnx.Rngs(0))
+      apply_adapters(model, AdapterConfig(rank=16, alpha=64, dropout=0.1), nnx.Rngs(0))
       spec.model_config = model.config
       batch, bucket, _ = step_batch(spec, examples, range(n))
       sets = [batch] if sides is None else [batch[k] for k in batch if k != 'example_ids']

@@ -20,10 +20,14 @@ def test_dry_run_without_the_data_stack(tmp_path):
   assert probe.returncode != 0 and 'None in sys.modules' in probe.stderr  # the block is real
   out = tmp_path / 'out'
   run = subprocess.run([sys.executable, 'benchmarks/gpu_step.py', '--dry-run', '--out', str(out),
-                        '--parts', 'jax_3b,torch_3b'], cwd=ROOT, env=env, capture_output=True, text=True,
+                        '--parts', 'jax_3b,torch_3b,jax_3b_packing'], cwd=ROOT, env=env, capture_output=True, text=True,
                        timeout=600)
   assert run.returncode == 0, run.stderr[-3000:]
   assert json.loads((out / 'attention_check.json').read_text())['skipped'] == 'no GPU'
+  for stage in (1, 2):  # the packing part: both layouts of each stage ran on the same examples
+    runs = [json.loads((out / f'packing_stage{stage}_{lay}.json').read_text()) for lay in ('unpacked', 'packed')]
+    assert all(r['examples_per_s'] > 0 and r['loss'] == r['loss'] for r in runs), runs
+    assert runs[1]['token_padding'] < runs[0]['token_padding'] and 'PackedBucket' in runs[1]['shape']
   for name in ('jax_3b_stage2', 'jax_3b_stage1', 'torch_3b_stage2'):
     result = json.loads((out / f'{name}.json').read_text())
     assert 0 < result['step_s'] < 60 and result['tokens_per_s'] > 0, (name, result)
