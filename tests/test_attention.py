@@ -127,15 +127,15 @@ class _EmulatedPackedCudnn:
   """JAX's packed cuDNN call, emulated on CPU: segments rebuilt from offsets and lengths, then
   XLA attention (tests what cudnn_attention hands the kernel, not cuDNN itself)."""
   from enum import Enum
-  MaskType = Enum('MaskType', 'PADDING PADDING_CAUSAL')
+  MaskType = Enum('MaskType', 'NO_MASK CAUSAL')
 
   @staticmethod
   def dot_product_attention(q, k, v, bias, mask, q_len, kv_len, q_off, kv_off, *, scale, mask_type):
     pos = jnp.arange(q.shape[1])[None, :, None]
-    inside = (pos >= q_off[:, None, :-1]) & (pos < q_off[:, None, :-1] + q_len[:, None, :]) & (q_len[:, None, :] > 0)
+    inside = (pos >= q_off[:, None, :-1]) & (pos < q_off[:, None, :-1] + q_len[:, None, :]) & (q_off[:, None, :-1] >= 0)
     seg = (inside * jnp.arange(1, q_len.shape[1] + 1)[None, None]).sum(-1)
     return attention(q, k, v, q_segment_ids=seg, kv_segment_ids=seg, impl='xla',
-                     causal=mask_type == _EmulatedPackedCudnn.MaskType.PADDING_CAUSAL)
+                     causal=mask_type == _EmulatedPackedCudnn.MaskType.CAUSAL)
 
 
 @pytest.mark.parametrize('layout', ['packed_causal', 'packed_full', 'out_of_order'])
@@ -143,6 +143,7 @@ def test_packed_cudnn_path_with_the_kernel_emulated(monkeypatch, layout):
   """Packed rows (several segments) reach cuDNN's packed layout with the right offsets and lengths;
   a layout it cannot take (segments out of order) goes to the blockwise fallback."""
   from coma_jax.model import attention_kernels
+  monkeypatch.setattr(attention_kernels, 'PACKED_CUDNN', True)
   monkeypatch.setattr(attention_kernels, '_packed_cudnn_call', lambda: _EmulatedPackedCudnn)
   real = jax.nn.dot_product_attention
   monkeypatch.setattr(jax.nn, 'dot_product_attention',
@@ -174,8 +175,8 @@ def test_packed_runs_give_offsets_and_lengths():
                   [(1, 1), (2, 1), (3, 1), (4, 5)])
   offsets, lengths, ok = packed_runs(seg, max_segments=3)
   assert np.asarray(ok).tolist() == [True, True, False, False, False]  # a gap; a skipped id; 4 > 3 segments
-  assert np.asarray(offsets[0]).tolist() == [0, 3, 5, -1] and np.asarray(lengths[0]).tolist() == [3, 2, -1]
-  assert np.asarray(offsets[1]).tolist() == [0, 8, -1, -1] and np.asarray(lengths[1]).tolist() == [8, -1, -1]
+  assert np.asarray(offsets[0]).tolist() == [0, 3, -1, -1] and np.asarray(lengths[0]).tolist() == [3, 2, -1]
+  assert np.asarray(offsets[1]).tolist() == [0, -1, -1, -1] and np.asarray(lengths[1]).tolist() == [8, -1, -1]
 
 
 def test_prefix_lengths_accept_only_one_segment_then_padding():

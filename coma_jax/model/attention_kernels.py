@@ -5,7 +5,7 @@ lengths, in bf16/fp16 only. Our calls describe masking by segment ids; a row who
 ids are one segment followed by padding (0) is exactly "length n", which is what collation makes.
 A packed row (segments 1, 2, ..., n in contiguous runs, then padding; queries and keys alike) is
 cuDNN's packed layout: per-segment offsets and lengths (`PACKED_SEGMENTS` at most per row; JAX's
-cuDNN call with q/kv offsets, Hopper and later). Any other row layout (left padding, more segments)
+cuDNN call with q/kv offsets, Hopper and later), behind `PACKED_CUDNN` (off: see there). Any other row layout (left padding, more segments)
 is checked on the device and goes to the blockwise path instead (`lax.cond`), so the kernel can
 never give a wrong answer. Query rows on padding come back as zeros (nothing reads them).
 
@@ -38,11 +38,16 @@ def _prefix_lengths(seg: jax.Array) -> tuple[jax.Array, jax.Array]:
 
 
 PACKED_SEGMENTS = 16  # the most segments of a row the packed cuDNN call takes (data.max_per_row's default)
+# Off until verified: on an H100 (jax 0.11.2) the packed call's forward matched XLA (bf16 rel err
+# 0.4-0.5 %, causal and full) but its gradients did not (NaN / 4.4x, from rows outside every
+# segment; inputs are now zeroed there, unmeasured). Off: packed rows take the blockwise path.
+PACKED_CUDNN = False
 
 
 def packed_runs(seg: jax.Array, max_segments: int = PACKED_SEGMENTS):
   """Per row: (offsets (B, M+1), lengths (B, M), ok (B,)) of segments 1..n laid out as contiguous
-  runs in order, then zeros (-1 past the row's last segment). An all-zero row is one segment (its
+  runs in order, then zeros: each segment's start and length, -1 past the row's last segment (the
+  layout JAX's packed cuDNN call takes). An all-zero row is one segment (its
   padding attends itself, as with segment ids). ok is False for any other layout or n > M."""
   b, length = seg.shape
   seg = seg.astype(jnp.int32)
@@ -56,12 +61,14 @@ def packed_runs(seg: jax.Array, max_segments: int = PACKED_SEGMENTS):
   lengths = (ids[:, :, None] == jnp.arange(1, max_segments + 1)[None, None]).sum(1).astype(jnp.int32)
   present = jnp.arange(max_segments)[None] < n[:, None]
   starts = jnp.concatenate([jnp.zeros((b, 1), jnp.int32), jnp.cumsum(lengths, axis=1)], axis=1)
-  offsets = jnp.where(jnp.arange(max_segments + 1)[None] <= n[:, None], starts, -1).astype(jnp.int32)
+  offsets = jnp.where(jnp.arange(max_segments + 1)[None] < n[:, None], starts, -1).astype(jnp.int32)
   return offsets, jnp.where(present, lengths, -1), ok
 
 
 def _packed_cudnn_call():
   """JAX's cuDNN attention with packed offsets (a private entry point; None where absent)."""
+  if not PACKED_CUDNN:
+    return None
   try:
     from jax._src.cudnn import fused_attention_stablehlo as fused
   except ImportError:
@@ -93,7 +100,9 @@ def cudnn_attention(q, k, v, q_segment_ids, kv_segment_ids, *, causal: bool) -> 
   packed_fits = jnp.all(runs_ok) & jnp.all(q_segment_ids == kv_segment_ids)
 
   def fused_packed(q, k, v):
-    mask = kernel.MaskType.PADDING_CAUSAL if causal else kernel.MaskType.PADDING
+    mask = kernel.MaskType.CAUSAL if causal else kernel.MaskType.NO_MASK  # as JAX's own packed test
+    real = (q_segment_ids != 0)[:, :, None, None]  # the kernel leaves rows outside every segment undefined
+    q, k, v = (jnp.where(real, x, 0) for x in (q, k, v))
     out = kernel.dot_product_attention(q, k, v, None, None, lengths, lengths, offsets, offsets,
                                        scale=q.shape[-1] ** -0.5, mask_type=mask)
     return jnp.where((q_segment_ids != 0)[:, :, None, None], out, 0).astype(q.dtype)
