@@ -34,6 +34,8 @@ CALLS = {
     'vision_window': ((6, 64, 64, 2, 2, 16), _segments(*[[(w, 40), (0, 24)] for w in range(1, 7)]), False),
     # Vision full attention: several frames in one row, block-diagonal by frame, empty slots last.
     'vision_full': ((2, 96, 96, 2, 2, 16), _segments([(1, 32), (2, 48), (0, 16)], [(1, 64), (2, 16), (0, 16)]), False),
+    # Packed LLM rows: several examples per row (blockwise skips the tiles between them).
+    'packed_text': ((2, 70, 70, 4, 2, 16), _segments([(1, 20), (2, 30), (3, 15), (0, 5)], [(1, 40), (2, 30)]), True),
 }
 
 
@@ -67,6 +69,18 @@ def _blockwise(block):
 def test_blockwise_equals_xla(call, block):
   shapes, seg, causal = CALLS[call]
   _check_equal(_blockwise(block), shapes, seg, causal)
+
+
+def test_blockwise_visits_only_tiles_with_a_visible_pair():
+  packed = _segments([(1, 64), (2, 64), (3, 64), (4, 64)])
+  one = _segments([(1, 256)])
+  tiles = lambda seg, causal: int(np.asarray(np.subtract(*attention_blockwise.block_ranges(
+      seg, seg, 32, 32, causal)[1::-1])).sum())
+  assert tiles(one, False) == 64 and tiles(one, True) == 36  # all; the causal triangle
+  assert tiles(packed, True) == 12 and tiles(packed, False) == 16  # each example's own 2 x 2 blocks
+  lo, hi, q_lo, q_hi = (np.asarray(x) for x in attention_blockwise.block_ranges(packed, packed, 32, 32, True))
+  assert lo.tolist() == [0, 0, 2, 2, 4, 4, 6, 6] and hi.tolist() == [1, 2, 3, 4, 5, 6, 7, 8]
+  assert q_lo.tolist() == [0, 1, 2, 3, 4, 5, 6, 7] and q_hi.tolist() == [2, 2, 4, 4, 6, 6, 8, 8]
 
 
 def test_a_query_row_that_sees_no_key_gives_zeros_not_nan():

@@ -5,8 +5,9 @@ fp32). The custom VJP saves only the output and the log-sum-exp per query row an
 (query block x key block) tile in the backward pass (FlashAttention-2's scheme). Memory is
 linear in the sequence length: one tile of scores at a time plus fp32 accumulators of q/k/v's size.
 
-Causal calls visit only the key blocks at or below the diagonal (dynamic loop bounds are fine:
-the loops are never differentiated, the VJP is ours). Masking follows the dispatch's contract:
+Only tiles that can hold a visible pair are visited (`block_ranges`): causal calls stop at the
+diagonal, and packed rows skip the tiles between their examples (dynamic loop bounds are fine: the
+loops are never differentiated, the VJP is ours). Masking follows the dispatch's contract:
 query t sees key s iff their segment ids are equal (and s <= t when causal). A query row that sees
 no key gives zeros. Blocks pad the sequence; padded queries and keys get segment ids no real row
 uses (-1 and -2; real segment ids are >= 0).
@@ -57,17 +58,38 @@ def _scores(q_blk, k_blk, scale):
   return jnp.einsum('bqkgd,bskd->bkgqs', q_blk, k_blk, preferred_element_type=jnp.float32) * scale
 
 
-def _kv_blocks_for(qi, bq: int, bk: int, nk: int, causal: bool):
-  """Key blocks a query block needs: all, or those at or below the diagonal when causal."""
-  if not causal:
-    return nk
-  return jnp.minimum(nk, ((qi + 1) * bq + bk - 1) // bk)
+def block_ranges(q_seg, k_seg, bq: int, bk: int, causal: bool):
+  """Which tiles can hold a visible (query, key) pair, as contiguous loop ranges: per query block
+  its key blocks [lo, hi), per key block its query blocks [q_lo, q_hi). A tile is needed when, in
+  some row, its query and key segment-id ranges overlap (and, causal, it is not above the
+  diagonal). Skipping the others is exact: a tile with no visible pair changes nothing. Packed rows
+  (segments in order) then cost about the sum of their examples' tiles, not the whole row's."""
+  b, t = q_seg.shape
+  nq, nk = t // bq, k_seg.shape[1] // bk
+  big = jnp.iinfo(jnp.int32).max
+
+  def summary(seg, blk):  # per row and block: the least and greatest real segment id (pads are < 0)
+    x = seg.reshape(b, -1, blk)
+    return jnp.where(x >= 0, x, big).min(-1), jnp.where(x >= 0, x, -big).max(-1)
+  q_min, q_max = summary(q_seg, bq)
+  k_min, k_max = summary(k_seg, bk)
+  need = jnp.any((q_min[:, :, None] <= k_max[:, None, :]) & (k_min[:, None, :] <= q_max[:, :, None]), axis=0)
+  if causal:
+    need &= (jnp.arange(nk)[None, :] * bk) <= (jnp.arange(nq)[:, None] * bq + bq - 1)
+
+  def first_last(x, n):  # along the last axis: [first True, last True + 1), or an empty range
+    some = x.any(-1)
+    return (jnp.where(some, jnp.argmax(x, -1), n).astype(jnp.int32),
+            jnp.where(some, n - jnp.argmax(x[..., ::-1], -1), 0).astype(jnp.int32))
+  lo, hi = first_last(need, nk)
+  q_lo, q_hi = first_last(need.T, nq)
+  return lo, hi, q_lo, q_hi
 
 
 def _forward(q, k, v, q_seg, k_seg, causal, bq, bk, scale):
   """q (B, T, K, G, D), k/v (B, S, K, D), padded to whole blocks -> out (B, T, K, G, D), lse (B, K, G, T)."""
   b, t, kh, g, d = q.shape
-  nk = k.shape[1] // bk
+  lo, hi, _, _ = block_ranges(q_seg, k_seg, bq, bk, causal)
 
   def query_block(qi):
     q_blk = jax.lax.dynamic_slice_in_dim(q, qi * bq, bq, axis=1)
@@ -90,7 +112,7 @@ def _forward(q, k, v, q_seg, k_seg, causal, bq, bk, scale):
 
     init = (jnp.full((b, kh, g, bq), -jnp.inf, jnp.float32), jnp.zeros((b, kh, g, bq), jnp.float32),
             jnp.zeros((b, kh, g, bq, d), jnp.float32))
-    m, l, acc = jax.lax.fori_loop(0, _kv_blocks_for(qi, bq, bk, nk, causal), step, init)
+    m, l, acc = jax.lax.fori_loop(lo[qi], hi[qi], step, init)
     seen = l > 0
     out = acc / jnp.where(seen, l, 1.0)[..., None]
     lse = jnp.where(seen, m + jnp.log(jnp.where(seen, l, 1.0)), jnp.inf)  # inf: the backward's p is 0
@@ -105,7 +127,8 @@ def _forward(q, k, v, q_seg, k_seg, causal, bq, bk, scale):
 def _backward(q, k, v, q_seg, k_seg, out, lse, d_out, causal, bq, bk, scale):
   b, t, kh, g, d = q.shape
   s_len = k.shape[1]
-  nq, nk = t // bq, s_len // bk
+  nk = s_len // bk
+  _, _, q_lo, q_hi = block_ranges(q_seg, k_seg, bq, bk, causal)
   # delta_t = sum_d dO * O: the softmax backward's row term, (B, K, G, T).
   delta = jnp.einsum('btkgd,btkgd->bkgt', d_out.astype(jnp.float32), out.astype(jnp.float32))
 
@@ -134,9 +157,8 @@ def _backward(q, k, v, q_seg, k_seg, out, lse, d_out, causal, bq, bk, scale):
       dk_blk = dk_blk + jnp.einsum('bkgqs,bqkgd->bskd', ds, q_blk, preferred_element_type=jnp.float32) * scale
       return dq, dk_blk, dv_blk
 
-    first = (kj * bk) // bq if causal else 0  # causal: query blocks above the diagonal see nothing here
     zeros = jnp.zeros((b, bk, kh, d), jnp.float32)
-    dq, dk_blk, dv_blk = jax.lax.fori_loop(first, nq, step, (dq, zeros, zeros))
+    dq, dk_blk, dv_blk = jax.lax.fori_loop(q_lo[kj], q_hi[kj], step, (dq, zeros, zeros))
     dk = jax.lax.dynamic_update_slice_in_dim(dk, dk_blk, kj * bk, axis=1)
     dv = jax.lax.dynamic_update_slice_in_dim(dv, dv_blk, kj * bk, axis=1)
     return dq, dk, dv
