@@ -8,7 +8,8 @@ frozen vision tower).
 Mixed (packing): examples of mixed lengths (112-336 px images, 16-144 visual tokens, dialogues of
 24-480 tokens; stage 2: image queries, text positives), one coma_jax step on the loaders' unpacked
 batch (one example per row, the smallest fitting bucket) and on their packed batch (rows of 1024
-tokens, first fit decreasing, the smallest fitting row count), side by side: examples/s and ratio.
+tokens for stage 1, 512 for stage 2; first fit decreasing, the smallest fitting row count), side by
+side: examples/s and ratio.
 
 Stage 2: query (224 px image + text) and positive (text) sides of `length` tokens, InfoNCE over the
 batch, GradCache in `chunks` chunks on both sides (torch: the reference's two-pass GradCache).
@@ -244,6 +245,7 @@ def mixed_packing(args):
   from synthetic_examples import mixed_examples
   examples = mixed_examples(args.batch, args.stage, sizes=MIXED_SIZES)
   n = args.batch
+  args.packed_len = args.packed_len or (1024 if args.stage == 1 else 512)
   if args.stage == 1:
     sides, unpacked = None, [(256, 576, 128), (512, 576, 256), (768, 576, 512)]
     packed = [(r, args.packed_len, args.packed_len * 5 // 4, args.packed_len // 2) for r in range(2, n + 1, 2)]
@@ -300,7 +302,8 @@ def tiny_hf_model():
 def main():
   parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
   parser.add_argument('--setting', default='uniform', choices=['uniform', 'mixed'])
-  parser.add_argument('--packed_len', type=int, default=1024, help='mixed: the packed rows\' length')
+  parser.add_argument('--packed_len', type=int, default=None,
+                      help='mixed: the packed rows\' length (default 1024 for stage 1, 512 for stage 2)')
   parser.add_argument('--stage', type=int, default=1, choices=[1, 2])
   parser.add_argument('--chunks', type=int, default=2)
   parser.add_argument('--steps', type=int, default=5)
