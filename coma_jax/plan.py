@@ -104,8 +104,9 @@ def main(argv=None):
     gib = lambda b: b / 2**30
     print(f'plan: {c.stage} {os.path.basename(str(c.model.hf_config or "inline config"))} on mesh '
           f'{dict(mesh.shape)} ({n_devices} fake CPU devices)')
+    per_chunk = (rows if c.data.packing else rows // n_sides) // (c.stage2.chunks if stage2 else 1)
     unit = 'packed rows' if c.data.packing else 'rows per side'
-    split = (f'GradCache {c.stage2.chunks} chunks of {rows // n_sides // c.stage2.chunks if not c.data.packing else rows // c.stage2.chunks} {unit}'
+    split = (f'GradCache {c.stage2.chunks} chunks of {per_chunk} {unit}'
              if stage2 else f'{c.stage1.micro_batches} micro-batches; mask {c.stage1.mask}')
     shape = f'{rows} packed rows x {bucket}' if c.data.packing else f'bucket {bucket}'
     print(f'  global batch {c.data.global_batch} examples, {shape}, {split}; remat {c.model.remat}; '

@@ -1,10 +1,16 @@
 """The host-side packer: budgets hold, every example lands once, the packing depends only on the
-examples (not their order), the smallest bucket that holds them is picked, padding is measured."""
+examples (not their order), the smallest bucket that holds them is picked, padding is measured;
+and the packed loaders end to end."""
+import jax
 import numpy as np
 import pytest
 
+from coma_jax.data import build_tfds
 from coma_jax.data.batching import example_slots
+from coma_jax.data.loaders import stage1_loader, stage2_loader
+from coma_jax.data.tokenizer import QwenTokenizer
 from coma_jax.data.packing import Footprint, PackedBucket, first_fit_decreasing, footprint, padding, pick_packed_bucket
+from tests.data_fixtures import SMALL_IMAGES, model_config, write_mmeb_train, write_stage1_jsonl
 
 
 def random_footprints(rng, n):
@@ -83,11 +89,6 @@ def test_max_per_row_caps_the_sequences_of_a_row():
 
 
 # The packed loaders, end to end over built datasets.
-from coma_jax.data import build_tfds  # noqa: E402
-from coma_jax.data.loaders import stage1_loader, stage2_loader  # noqa: E402
-from coma_jax.data.tokenizer import QwenTokenizer  # noqa: E402
-from tests.data_fixtures import SMALL_IMAGES, model_config, write_mmeb_train, write_stage1_jsonl  # noqa: E402
-
 STAGE1_PACKED = [(2, 512, 512, 128), (2, 1024, 1024, 256), (4, 1024, 1024, 512)]
 
 
@@ -131,12 +132,7 @@ def test_the_packed_stage1_loader_holds_every_example_once_and_resumes_alike(bui
   assert len(shapes) <= len(STAGE1_PACKED)
   resumed = list(make(start_step=2, end_step=4))
   for (_, a, _), (_, b, _) in zip(steps[2:], resumed):
-    assert all(np.array_equal(x, y) for x, y in zip(jax_leaves(a), jax_leaves(b)))
-
-
-def jax_leaves(tree):
-  import jax
-  return jax.tree.leaves(tree)
+    assert all(np.array_equal(x, y) for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)))
 
 
 def test_the_packed_stage2_loader_mixes_the_sides_in_one_row_set(built, tok):

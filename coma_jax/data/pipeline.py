@@ -86,7 +86,8 @@ class BatchInfo:
 
 class GlobalBatchIterator:
   """Yields (step, batch, info): `batch` holds NumPy arrays only, in a structure fixed by the
-  bucket (it goes into a jitted step as it is; see `step_batches`); `info` is a BatchInfo. `state()` is {'step': next step} to checkpoint.
+  bucket (it goes into a jitted step as it is; see `step_batches`); `info` is a BatchInfo.
+  `state()` is {'step': next step} to checkpoint.
   Steps run from `start_step` up to, not including, `end_step`."""
 
   def __init__(self, reader: StepReader, spec: BatchSpec, *, start_step: int = 0, end_step: int,

@@ -5,9 +5,10 @@ lengths, in bf16/fp16 only. Our calls describe masking by segment ids; a row who
 ids are one segment followed by padding (0) is exactly "length n", which is what collation makes.
 A packed row (segments 1, 2, ..., n in contiguous runs, then padding; queries and keys alike) is
 cuDNN's packed layout: per-segment offsets and lengths (`PACKED_SEGMENTS` at most per row; JAX's
-cuDNN call with q/kv offsets, Hopper and later), behind `PACKED_CUDNN` (off: see there). Any other row layout (left padding, more segments)
-is checked on the device and goes to the blockwise path instead (`lax.cond`), so the kernel can
-never give a wrong answer. Query rows on padding come back as zeros (nothing reads them).
+cuDNN call with q/kv offsets, Hopper and later), behind `PACKED_CUDNN` (off: see there). Any
+other row layout (left padding, more segments), or a packed row while that is off, is checked on
+the device and goes to the blockwise path instead (`lax.cond`), so the kernel can never give a
+wrong answer. Query rows on padding come back as zeros (nothing reads them).
 
 Splash (TPU Pallas) takes separate query and key segment ids and causal or full masks; it pads to
 whole 128-blocks with a segment id no real row uses and runs under `shard_map` over the batch when

@@ -200,7 +200,8 @@ def train(c, workdir: str, profile_steps: tuple[int, int] | None = None, devices
         step -= 1
         break
       assert data_step == step - 1, (data_step, step)
-      tokens = sum(int(b['inputs'].token_valid.sum()) for b in ([batch[s] for s in row_sets(batch)] if run.stage2 else [batch]))
+      sets = [batch[s] for s in row_sets(batch)] if run.stage2 else [batch]
+      tokens = sum(int(b['inputs'].token_valid.sum()) for b in sets)
       flops = _flops(run, batch)
       state, out = run.setup.step(state, to_global(batch, sharding_for), jax.random.fold_in(root, step))
       out = jax.device_get(out)
