@@ -102,14 +102,15 @@ def check_config(c, num_devices: int, process_count: int = 1, abstract: bool = F
 
 
 def _check_packing(c, shards: int, process_count: int, stage1: bool) -> None:
-  """After the stage's own checks: a packed bucket's rows split like the unpacked batch's."""
+  """After the stage's own checks: packed buckets are well formed (with packing off too), and
+  their rows split like the unpacked batch's."""
   d = c.data
   splits = ('stage1.micro_batches', c.stage1.micro_batches) if stage1 else ('stage2.chunks', c.stage2.chunks)
   _require(d.max_per_row >= 1, 'data.max_per_row', f'must be >= 1, got {d.max_per_row}')
-  if d.packing:
+  if d.packed_buckets or d.packing:
     _require(len(d.packed_buckets) >= 1 and all(len(b) == 4 and min(b[:2]) >= 1 for b in d.packed_buckets),
              'data.packed_buckets', 'needs (rows, seq_len, vision_slots, label_slots) with rows, seq_len >= 1')
-    for rows, *_ in d.packed_buckets:
+    for rows, *_ in (d.packed_buckets if d.packing else ()):  # how rows split matters only when packing
       _require(rows % shards == 0 and rows % splits[1] == 0 and rows % process_count == 0, 'data.packed_buckets',
                f'{rows} rows do not split over the {shards} batch shards, the {splits[1]} {splits[0]} and the '
                f'{process_count} processes')
