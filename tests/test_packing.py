@@ -143,7 +143,8 @@ def test_the_packed_stage2_loader_mixes_the_sides_in_one_row_set(built, tok):
     assert set(batch) == {'packed', 'example_ids'}
     rows = batch['packed']
     reps = rows['rep_index'][rows['rep_index'] >= 0]
-    assert len(reps) == len(set(reps.tolist())) == info.stats['examples']  # each sequence once
+    assert len(reps) == len(set(reps.tolist())) == info.stats['sequences']  # each sequence once
+    assert info.stats['examples'] == 8
     sides = set((reps // 8).tolist())
     assert {0, 1} <= sides  # queries and positives (and any hard negatives) share the row set
     mixed = [r for r in rows['rep_index'] if len(set((r[r >= 0] // 8).tolist())) > 1]

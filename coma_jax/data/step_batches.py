@@ -105,7 +105,7 @@ def _packed(spec: BatchSpec, examples, ids):
                      seq_len=bucket.seq_len, vision_slots=bucket.vision_slots, label_slots=bucket.label_slots,
                      rows_per_group=1, num_compression_tokens=spec.num_compression_tokens, sequence_ids=seq_ids,
                      rep_index=reps, slots_per_row=spec.max_per_row, pixel_dtype=spec.pixel_dtype)
-  stats = packed_stats(seqs, fps, bucket, local_rows)
+  stats = dict(packed_stats(seqs, fps, bucket, local_rows), examples=sum(e is not None for e in examples))
   example_ids = np.asarray(ids, np.int32)
   if spec.sides is None:
     return dict(out, example_ids=example_ids), bucket, stats
@@ -128,14 +128,15 @@ def agree_on_packing(buckets: Sequence[PackedBucket], fps: Sequence[Footprint], 
 
 
 def packed_stats(seqs, fps, bucket: PackedBucket, local_rows: int) -> dict:
-  """As `batch_stats`, for a packed batch (vision padding also split: window padding, slack)."""
+  """As `batch_stats`, for a packed batch (vision padding also split: window padding, slack);
+  'sequences' counts what was packed (stage 2: every side)."""
   import collections
   from coma_jax.data.batching import CUT_KINDS
   cuts = collections.Counter()
   for e in seqs:
     cuts.update(e.cuts)
   pad = padding(fps, local_rows, bucket.seq_len, bucket.vision_slots)
-  return {'examples': len(seqs), 'token_padding_waste': pad['token_padding'],
+  return {'examples': len(seqs), 'sequences': len(seqs), 'token_padding_waste': pad['token_padding'],
           'vision_padding_waste': (1.0 - sum(f.patches for f in fps) / (local_rows * bucket.vision_slots))
           if bucket.vision_slots else 0.0,
           'window_padding': pad['window_padding'], 'packing_slack': pad['packing_slack'],
