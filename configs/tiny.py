@@ -22,6 +22,7 @@ def get_config(variant: str = 'stage1'):
   c.data.global_batch = 8
   c.data.num_workers = 0
   c.data.min_pixels, c.data.max_pixels = 28 * 28 * 16, 28 * 28 * 64
+  c.data.packing = True  # CPU smoke runs pack (the tests train through the packed path)
   c.train.steps = 10
   c.checkpoint.every = 5
   c.validation.every = 5

@@ -113,7 +113,8 @@ def _packing_warning(c) -> None:
       and not attention_kernels.PACKED_CUDNN:
     log.warning('data.packing on a GPU: packed rows run the blockwise attention path, not cuDNN (its packed '
                 'layout is not verified yet). Measured on an H100, 3B: packed steps ran 0.41x (stage 1) and 0.89x '
-                '(stage 2) the examples/s of unpacked cuDNN steps. Consider --config.data.packing=False (README).')
+                '(stage 2) the examples/s of unpacked cuDNN steps. Consider --config.data.packing=False '
+                '(docs/packing.md).')
 
 
 def _collapse_warning(run: Run, loss: float, history: list) -> None:
