@@ -325,7 +325,7 @@ def run_packing(model_config, mode: str, impl: str, dtype_name: str, out_dir: st
   from coma_jax.data.step_batches import BatchSpec, step_batch
   from coma_jax.training.flops import batch_flops
   from coma_jax.training.stage1 import Stage1StepConfig, make_stage1_step
-  from coma_jax.training.stage2 import Stage2StepConfig, make_stage2_step, row_sets
+  from coma_jax.training.stage2 import Stage2StepConfig, make_stage2_step
   from synthetic_examples import mixed_examples
   m = MIXED[mode]
   k = len(COMPRESSION_IDS)
@@ -348,7 +348,7 @@ def run_packing(model_config, mode: str, impl: str, dtype_name: str, out_dir: st
     for layout, spec in specs.items():
       start = time.perf_counter()
       batch, bucket, _ = step_batch(spec, examples, range(n))
-      sets = [batch[s] for s in row_sets(batch)] if stage == 2 else [batch]
+      sets = row_sets_of(batch) if stage == 2 else [batch]
       setup = build_setup(model_config, make, impl, dtype_name)  # the step donates its state: a fresh one
       placed = jax.device_put(batch)
       compiled, compile_s = _compile(setup, setup.state, placed)

@@ -100,7 +100,9 @@ def test_dropout_is_per_token_and_only_on_the_adapter_path():
   adapter = AdapterLinear(base, AdapterConfig(rank=2, alpha=4, dropout=0.5, dora=True), nnx.Rngs(1))
   adapter.lora_b.value = jax.random.normal(jax.random.key(2), adapter.lora_b.shape)
   x = jax.random.normal(jax.random.key(3), (3, 4, 6))
-  keys = DropoutContext.for_rows(jax.random.key(4), jnp.arange(3), 4)
+  rows = lambda ids, length: DropoutContext.for_tokens(jax.random.key(4), jnp.repeat(ids[:, None], length, 1),
+                                                      jnp.broadcast_to(jnp.arange(length), (len(ids), length)))
+  keys = rows(jnp.arange(3), 4)  # row b holds sequence b from offset 0
   y = adapter(x, keys)
   # Row 1 alone, with its own key, gives the same output: masks do not depend on the batch.
   np.testing.assert_allclose(adapter(x[1:2], DropoutContext(keys.keys[1:2]))[0], y[1], rtol=1e-5, atol=1e-6)
@@ -108,7 +110,7 @@ def test_dropout_is_per_token_and_only_on_the_adapter_path():
   # same (sequence id, offset) keys draw the same masks.
   moved = DropoutContext.for_tokens(jax.random.key(4), jnp.full((1, 3), 2), jnp.arange(1, 4)[None])
   np.testing.assert_allclose(adapter(x[2:3, 1:], moved)[0], y[2, 1:], rtol=1e-5, atol=1e-6)
-  assert not np.allclose(adapter(x[2:3, 1:], DropoutContext.for_rows(jax.random.key(4), jnp.array([2]), 3))[0],
+  assert not np.allclose(adapter(x[2:3, 1:], rows(jnp.array([2]), 3))[0],
                          y[2, 1:], atol=1e-3)  # other offsets: other masks
   # peft's formula, with the mask the adapter draws for this hook.
   w, bias = base.kernel[...], base.bias[...]

@@ -9,7 +9,9 @@ from coma_jax.data import build_tfds
 from coma_jax.data.batching import example_slots
 from coma_jax.data.loaders import stage1_loader, stage2_loader
 from coma_jax.data.tokenizer import QwenTokenizer
-from coma_jax.data.packing import Footprint, PackedBucket, first_fit_decreasing, footprint, padding, pick_packed_bucket
+from coma_jax.data.packing import (Footprint, PackedBucket, first_fit_decreasing, footprint, padding,
+                                   parse_packed_buckets)
+from coma_jax.data.step_batches import agree_on_packing
 from tests.data_fixtures import SMALL_IMAGES, model_config, write_mmeb_train, write_stage1_jsonl
 
 
@@ -57,10 +59,12 @@ def test_an_example_that_fits_no_row_is_named():
 def test_the_smallest_bucket_that_holds_the_step_is_picked():
   fps = [Footprint(900, 0, 0, 10)] * 4  # two per 2048-row
   small, large = PackedBucket(1, 2048, 0, 64), PackedBucket(2, 2048, 0, 64)
-  bucket, rows = pick_packed_bucket([large, small], fps, [0, 1, 2, 3])
+  buckets = parse_packed_buckets([large, small])
+  assert buckets == (small, large)  # smallest first
+  bucket, rows = agree_on_packing(buckets, fps, [0, 1, 2, 3], process_count=1, max_per_row=16)
   assert bucket == large and len(rows) == 2
   with pytest.raises(ValueError, match='fit no packed bucket'):
-    pick_packed_bucket([small], fps, [0, 1, 2, 3])
+    agree_on_packing((small,), fps, [0, 1, 2, 3], process_count=1, max_per_row=16)
 
 
 def test_padding_splits_window_padding_from_packing_slack():

@@ -2,7 +2,6 @@
 equal stage-1 losses and gradients (both masks, both normalisations, dropout on), equal stage-2
 embeddings, losses and GradCache gradients, and a packed example's neighbours never see it."""
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
@@ -14,7 +13,7 @@ from coma_jax.model.lora import AdapterConfig, apply_adapters
 from coma_jax.training.optim import TrainableConfig
 from coma_jax.training.stage1 import Stage1StepConfig, make_stage1_grads
 from coma_jax.training.stage1_attention import stage1_attend
-from coma_jax.training.stage2 import SIDES, Stage2StepConfig, embed_side, make_stage2_grads, scatter_reps
+from coma_jax.training.stage2 import SIDES, Stage2StepConfig, embed_side, make_stage2_grads, row_sets, scatter_reps
 from tests import stage1_batches, stage2_batches
 from tests.stage2_batches import by_example
 from tests.tiny_models import jax_twin, torch_model
@@ -158,10 +157,7 @@ def test_stage2_packed_equals_unpacked(model):
 
   def embeddings(batch):
     m = nnx.merge(graphdef, params, frozen)
-    flat, valid = jnp.zeros((3 * 8, cfg.text.hidden_size), jnp.float32), jnp.zeros(24, bool)
-    for name in [n for n in ('packed',) + SIDES if n in batch]:
-      flat, valid = scatter_reps(flat, valid, embed_side(m, batch[name], None), batch[name]['rep_index'])
-    return flat, valid
+    return scatter_reps([(embed_side(m, batch[name], None), batch[name]['rep_index']) for name in row_sets(batch)], 8)
   (eu, vu), (ep, vp) = jax.jit(embeddings)(unpacked), jax.jit(embeddings)(packed)
   assert np.array_equal(vu, vp) and vu.sum() == 23
   assert np.abs(np.asarray(ep) - np.asarray(eu))[np.asarray(vu)].max() <= 1e-5

@@ -40,15 +40,14 @@ def example_slots(grids, cfg: ModelConfig) -> int:
 
 def check_example_contract(ex: Example, cfg: ModelConfig, settings: SequenceSettings) -> None:
   """The per-example part of what `collate` runs (rope index, vision layout, budgets), run in the
-  worker on each new example, so that collate is total on the examples that pass.
+  worker on each new example, so that collate is total on the examples that pass. The M-RoPE
+  positions it computes stay on the example: collate places them (no second computation).
 
   Data problems were BadRecords before this point; a failure here is a bug in coma_jax, so it
   raises a RuntimeError naming the record rather than being skipped.
   """
   try:
-    get_rope_index(ex.tokens[None], None, image_grid_thw=ex.grids, image_token_id=cfg.image_token_id,
-                   video_token_id=cfg.video_token_id, spatial_merge_size=cfg.vision.spatial_merge_size,
-                   tokens_per_second=cfg.vision.tokens_per_second)
+    ex.positions = example_positions(ex, cfg)
     if ex.grids:
       build_vision_layout(ex.grids, cfg.vision)
     slots = example_slots(ex.grids, cfg)
@@ -214,10 +213,13 @@ def collate_rows(examples: Sequence[Example], rows: Sequence[Sequence[int]], cfg
 
 
 def example_positions(ex: Example, cfg: ModelConfig) -> np.ndarray:
-  """(3, n) M-RoPE positions of one example on its own (as in an unpacked row)."""
+  """(3, n) M-RoPE positions of one example on its own (as in an unpacked row): those the
+  worker's contract check kept, else computed."""
+  if ex.positions is not None:
+    return ex.positions
   return get_rope_index(ex.tokens[None], None, image_grid_thw=ex.grids, image_token_id=cfg.image_token_id,
                         video_token_id=cfg.video_token_id, spatial_merge_size=cfg.vision.spatial_merge_size,
-                        tokens_per_second=cfg.vision.tokens_per_second)[:, 0]
+                        tokens_per_second=cfg.vision.tokens_per_second)[:, 0].astype(np.int32)
 
 
 CUT_KINDS = ('dropped_turns', 'trimmed_input_text', 'trimmed_text')

@@ -86,16 +86,6 @@ def pack(bucket: PackedBucket, footprints: Sequence[Footprint], keys: Sequence[i
   return packed if len(packed) <= rows else None
 
 
-def pick_packed_bucket(buckets: Sequence[PackedBucket], footprints: Sequence[Footprint],
-                       keys: Sequence[int], max_per_row: int | None = None) -> tuple[PackedBucket, list[list[int]]]:
-  """The smallest bucket (fewest token slots, then vision slots) whose rows hold the examples."""
-  for bucket in sorted(buckets, key=lambda b: (b.rows * b.seq_len, b.rows * b.vision_slots)):
-    rows = pack(bucket, footprints, keys, bucket.rows, max_per_row)
-    if rows is not None:
-      return bucket, rows
-  raise ValueError(f'{len(footprints)} examples fit no packed bucket of {list(buckets)}')
-
-
 def padding(footprints: Sequence[Footprint], rows: int, seq_len: int, vision_slots: int) -> dict:
   """Token padding, and vision padding split into window padding (whole windows around each
   image: packing cannot remove it) and packing slack (slots no example uses), as fractions of the

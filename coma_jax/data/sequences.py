@@ -57,6 +57,7 @@ class Example:
   images: list               # ResizedImage per image (uint8; patchified by the collator)
   grids: list                # [(t, h, w)] per image
   cuts: collections.Counter = dataclasses.field(default_factory=collections.Counter)
+  positions: np.ndarray | None = None  # (3, n) M-RoPE positions, set by the worker's contract check
 
   @property
   def num_patches(self) -> int:

@@ -19,7 +19,7 @@ from coma_jax.data.batching import Bucket, Needs, batch_stats, collate, collate_
 from coma_jax.data.packing import Footprint, PackedBucket, footprint, pack, padding
 from coma_jax.model.config import ModelConfig
 
-SIDES = ('query', 'positive', 'negative')  # the order of coma_jax.training.stage2.SIDES
+SIDES = ('query', 'positive', 'negative')  # stage 2's sides, in the order their ids and indices use
 
 
 def sequence_id(example_id: int, side: str) -> int:

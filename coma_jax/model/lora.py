@@ -43,12 +43,6 @@ class DropoutContext:
     fold = lambda i, o: jax.random.fold_in(jax.random.fold_in(key, i), o)
     return cls(jax.vmap(jax.vmap(fold))(sequence_ids, offsets))
 
-  @classmethod
-  def for_rows(cls, key: jax.Array, sequence_ids: jax.Array, length: int) -> 'DropoutContext':
-    """Unpacked rows: row b holds sequence `sequence_ids[b]` from offset 0."""
-    ids = jnp.broadcast_to(sequence_ids[:, None], (sequence_ids.shape[0], length))
-    return cls.for_tokens(key, ids, jnp.broadcast_to(jnp.arange(length), ids.shape))
-
 
 @dataclasses.dataclass(frozen=True)
 class AdapterConfig:

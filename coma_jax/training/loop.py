@@ -96,10 +96,9 @@ class Progress:
       self.bar.close()
 
 
-def _flops(run: Run, batch: dict):
-  """Model and executed FLOPs of this step's batch, over every process."""
+def _flops(run: Run, sides: list):
+  """Model and executed FLOPs of this step's row sets, over every process."""
   c = run.config
-  sides = [batch[s] for s in row_sets(batch)] if run.stage2 else [batch]
   vision_trains = c.trainable.vision or c.trainable.full
   return batch_flops(run.model_config, sides, processes=jax.process_count(), llm_trains=c.trainable.full,
                      vision_trains=vision_trains, paper_mask=not run.stage2 and c.stage1.mask == 'paper',
@@ -203,7 +202,7 @@ def train(c, workdir: str, profile_steps: tuple[int, int] | None = None, devices
       assert data_step == step - 1, (data_step, step)
       sets = [batch[s] for s in row_sets(batch)] if run.stage2 else [batch]
       tokens = sum(int(b['inputs'].token_valid.sum()) for b in sets)
-      flops = _flops(run, batch)
+      flops = _flops(run, sets)
       state, out = run.setup.step(state, to_global(batch, sharding_for), jax.random.fold_in(root, step))
       out = jax.device_get(out)
       seconds = time.perf_counter() - began

@@ -22,7 +22,7 @@ from coma_jax.model.lora import DropoutContext
 from coma_jax.training.micro_batches import split_micro_batches
 from coma_jax.training.stage1_attention import stage1_attend
 from coma_jax.training.train_state import TrainState
-from coma_jax.training.updates import apply_gradients, with_token_ids
+from coma_jax.training.updates import apply_gradients
 
 
 NORMALISATIONS = ('example_mean', 'token_mean')
@@ -69,11 +69,10 @@ def stage1_loss_terms(model, hidden: jax.Array, batch: dict, normalisation: str,
   mask = label_positions >= 0
   h = gather_positions(hidden, label_positions).reshape(b * p, -1)
   nll = chunked_token_nll(h, jnp.where(mask, label_targets, -1).reshape(-1), model.logits, chunk, remat).reshape(b, p)
-  count = mask.sum()
-  if normalisation == 'token_mean':
-    return nll.sum(), count.astype(jnp.float32), count
-  weighted = nll / jnp.maximum(batch['label_counts'], 1)
-  return weighted.sum(), batch['labelled_examples'].sum().astype(jnp.float32), count
+  denominator = loss_denominator(batch, normalisation).astype(jnp.float32)
+  if normalisation == 'example_mean':
+    nll = nll / jnp.maximum(batch['label_counts'], 1)
+  return nll.sum(), denominator, mask.sum()
 
 
 def loss_denominator(batch: dict, normalisation: str) -> jax.Array:
@@ -107,7 +106,7 @@ def make_stage1_grads(graphdef, cfg: Stage1StepConfig):
   grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
 
   def grads_of(params, frozen, batch: dict, key: jax.Array):
-    batch = with_token_ids({k: v for k, v in batch.items() if k not in ('labels', 'roles', 'example_ids')})
+    batch = {k: v for k, v in batch.items() if k not in ('labels', 'roles', 'example_ids')}
     denominator = jnp.maximum(loss_denominator(batch, cfg.normalisation), 1).astype(jnp.float32)
     micro = split_micro_batches(batch, cfg.micro_batches)
     zeros = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), params)

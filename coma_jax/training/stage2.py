@@ -29,7 +29,7 @@ from coma_jax.data.step_batches import SIDES, rep_index, sequence_id  # noqa: F4
 from coma_jax.model.lora import DropoutContext
 from coma_jax.training.micro_batches import merge_micro_batches, split_micro_batches
 from coma_jax.training.train_state import TrainState
-from coma_jax.training.updates import apply_gradients, with_token_ids
+from coma_jax.training.updates import apply_gradients
 
 # A stage-2 batch holds one or more row sets: unpacked, one per side ('query', ...); packed, one
 # 'packed' set whose rows mix the sides. Either way each sequence's slot names its representation:
@@ -90,16 +90,16 @@ def row_sets(batch: dict) -> list[str]:
   return [name for name in ROW_SETS if name in batch]
 
 
-def num_examples(batch: dict) -> int:
-  """The global batch's examples: `example_ids`, or (a hand-made unpacked batch) the query rows."""
-  return batch['example_ids'].shape[0] if 'example_ids' in batch else batch['query']['inputs'].input_ids.shape[0]
-
-
-def scatter_reps(flat: jax.Array, valid: jax.Array, reps: jax.Array, index: jax.Array):
-  """Writes the (B, S, D) slot representations to their rep_index rows of flat (N, D)."""
-  where = jnp.where(index >= 0, index, flat.shape[0]).reshape(-1)
-  return (flat.at[where].set(reps.reshape(-1, reps.shape[-1]), mode='drop'),
-          valid.at[where].set(True, mode='drop'))
+def scatter_reps(slots, n: int):
+  """[(reps (B, S, D), rep_index (B, S)) per row set] -> the global (sides x n, D) representations
+  and which of them exist (an empty slot's rep_index is -1; a missing side is never written)."""
+  total, dim = len(SIDES) * n, slots[0][0].shape[-1]
+  flat, valid = jnp.zeros((total, dim), jnp.float32), jnp.zeros(total, bool)
+  for reps, index in slots:
+    where = jnp.where(index >= 0, index, total).reshape(-1)
+    flat = flat.at[where].set(reps.reshape(-1, dim), mode='drop')
+    valid = valid.at[where].set(True, mode='drop')
+  return flat, valid
 
 
 def gather_reps(flat: jax.Array, index: jax.Array) -> jax.Array:
@@ -122,16 +122,13 @@ def make_stage2_grads(graphdef, cfg: Stage2StepConfig):
   def loss_of(flat, valid, n):
     return info_nce(by_side(flat, sides, n), by_side(valid, sides, n), cfg)
 
-  def plain(params, frozen, batch, key, n, dim):
+  def plain(params, frozen, batch, key, n):
     def loss_fn(params):
-      flat, valid = jnp.zeros((len(SIDES) * n, dim), jnp.float32), jnp.zeros(len(SIDES) * n, bool)
-      for name in row_sets(batch):
-        rows = batch[name]
-        flat, valid = scatter_reps(flat, valid, encode(params, frozen, rows, key), rows['rep_index'])
-      return loss_of(flat, valid, n)
+      sets = [batch[name] for name in row_sets(batch)]
+      return loss_of(*scatter_reps([(encode(params, frozen, rows, key), rows['rep_index']) for rows in sets], n), n)
     return jax.value_and_grad(loss_fn)(params)
 
-  def grad_cache(params, frozen, batch, key, n, dim):
+  def grad_cache(params, frozen, batch, key, n):
     chunks = cfg.chunks
     vision_frozen = cfg.reuse_frozen_vision and 'visual' not in params
     names = row_sets(batch)
@@ -150,10 +147,11 @@ def make_stage2_grads(graphdef, cfg: Stage2StepConfig):
       ctx = DropoutContext.for_tokens(key, chunk['token_ids'], chunk['token_offsets'])
       return carry, (jax.lax.stop_gradient(embed_side(model, chunk, ctx, vision)), vision)
 
-    flat, valid, visions = jnp.zeros((len(SIDES) * n, dim), jnp.float32), jnp.zeros(len(SIDES) * n, bool), {}
+    slots, visions = [], {}
     for name in names:
       _, (r, visions[name]) = jax.lax.scan(forward_chunk, None, chunked[name])
-      flat, valid = scatter_reps(flat, valid, merge_micro_batches(r, groups[name], chunks), batch[name]['rep_index'])
+      slots.append((merge_micro_batches(r, groups[name], chunks), batch[name]['rep_index']))
+    flat, valid = scatter_reps(slots, n)
 
     # Pass 2: the loss and its gradient with respect to the representations (global batch).
     loss, flat_grad = jax.value_and_grad(lambda f: loss_of(f, valid, n))(flat)
@@ -175,10 +173,7 @@ def make_stage2_grads(graphdef, cfg: Stage2StepConfig):
   impl = plain if cfg.chunks == 1 else grad_cache
 
   def grads(params, frozen, batch, key):
-    model_dim = nnx.merge(graphdef, params, frozen).config.text.hidden_size
-    batch = {name: with_token_ids(batch[name]) for name in row_sets(batch)} | (
-        {'example_ids': batch['example_ids']} if 'example_ids' in batch else {})
-    return impl(params, frozen, batch, key, num_examples(batch), model_dim)
+    return impl(params, frozen, batch, key, batch['example_ids'].shape[0])
   return grads
 
 

@@ -1,5 +1,5 @@
 """The optimizer update shared by both stages: frozen embedding rows masked before clipping,
-non-finite updates skipped and counted; and the per-token ids dropout keys derive from."""
+and non-finite updates skipped and counted."""
 from __future__ import annotations
 
 import jax
@@ -12,16 +12,6 @@ from coma_jax.training.train_state import TrainState
 def _is_embedding(path) -> bool:
   keys = [getattr(p, 'key', getattr(p, 'name', None)) for p in path]
   return 'embed_tokens' in keys and 'embedding' in keys
-
-
-def with_token_ids(batch: dict) -> dict:
-  """Dropout keys derive from (seed, step, sequence id, offset in the sequence): collated batches
-  carry `token_ids` / `token_offsets`; a hand-made batch falls back to its row numbers."""
-  if 'token_ids' not in batch:
-    b, length = batch['inputs'].input_ids.shape
-    batch = dict(batch, token_ids=jnp.broadcast_to(jnp.arange(b, dtype=jnp.int32)[:, None], (b, length)),
-                 token_offsets=jnp.broadcast_to(jnp.arange(length, dtype=jnp.int32), (b, length)))
-  return batch
 
 
 def mask_frozen_embedding_rows(tree, first_trainable_row: int | None):
