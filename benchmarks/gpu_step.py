@@ -146,47 +146,75 @@ def _memory_gib() -> float | None:
   return None if peak is None else peak / 2**30
 
 
+PACKED_CASES = ('text_packed_causal', 'text_packed_mha', 'vision_full_packed')
+
+
 def attention_check(shape_mode: str) -> dict:
-  """cuDNN against the XLA path in bf16 (forward and gradients, valid rows), for the LLM's causal
-  call (head dim 128, GQA, right padding), a left-padded row (the blockwise fallback) and the
-  vision tower's full attention (head dim 80). Skipped where there is no GPU."""
+  """cuDNN against the XLA path in bf16 (forward and gradients), for the LLM's causal call (head
+  dim 128, GQA, right padding), a left-padded row (the blockwise fallback), the vision tower's full
+  attention (head dim 80), and packed rows through cuDNN's packed layout. Skipped where there is
+  no GPU."""
   import jax
   import jax.numpy as jnp
+  from coma_jax.model import attention_kernels
   from coma_jax.model.attention import attention
   if jax.default_backend() != 'gpu':
     return {'skipped': 'no GPU'}
   rng = np.random.default_rng(0)
+  packed_rows = ([(1, 300), (2, 200), (3, 400), (0, 124)], [(1, 512), (2, 512)])
   cases = {'text_causal_gqa': (2, 512, 16, 2, 128, True, [(1, 400), (0, 112)], [(1, 512)]),
            'text_left_padded': (2, 512, 16, 2, 128, True, [(0, 100), (1, 412)], [(1, 512)]),
            'vision_full': (2, 1024, 16, 16, 80, False, [(1, 900), (0, 124)], [(1, 1024)]),
            # packed rows: cuDNN's packed layout (segment offsets and lengths)
-           'text_packed_causal': (2, 1024, 16, 2, 128, True, [(1, 300), (2, 200), (3, 400), (0, 124)],
-                                  [(1, 512), (2, 512)]),
+           'text_packed_causal': (2, 1024, 16, 2, 128, True, *packed_rows),
+           'text_packed_mha': (2, 1024, 16, 16, 128, True, *packed_rows),  # tells a GQA-only failure apart
            'vision_full_packed': (2, 1024, 16, 16, 80, False, [(1, 256), (2, 576), (0, 192)], [(1, 1024)])}
+  rel = lambda a, b: float(jnp.abs(a.astype(jnp.float32) - b.astype(jnp.float32)).max()
+                           / (jnp.abs(b.astype(jnp.float32)).max() + 1e-12))
   result = {}
   for name, (b, t, n, kv, d, causal, row0, row1) in cases.items():
     seg = jnp.asarray(np.stack([np.concatenate([np.full(c, s) for s, c in row]) for row in (row0, row1)]), jnp.int32)
     q = jnp.asarray(rng.normal(size=(b, t, n, d)), jnp.bfloat16)
     k, v = (jnp.asarray(rng.normal(size=(b, t, kv, d)), jnp.bfloat16) for _ in range(2))
     valid = np.asarray(seg != 0)
+    rows = valid[:, :, None, None]
 
     def run(impl):
       f = lambda q, k, v: attention(q, k, v, q_segment_ids=seg, kv_segment_ids=seg, causal=causal, impl=impl)
       loss = lambda q, k, v: (f(q, k, v).astype(jnp.float32) * valid[:, :, None, None]).sum()
       return jax.jit(lambda q, k, v: (f(q, k, v), jax.grad(loss, argnums=(0, 1, 2))(q, k, v)))(q, k, v)
+    out_x, g_x = run('xla')
+    attention_kernels.PACKED_CUDNN = True  # the check measures the packed layout whatever the default
     try:
-      (out_c, g_c), (out_x, g_x) = run('cudnn'), run('xla')
-      rel = lambda a, b: float(jnp.abs(a.astype(jnp.float32) - b.astype(jnp.float32)).max()
-                               / (jnp.abs(b.astype(jnp.float32)).max() + 1e-12))
-      out_err = rel(jnp.where(valid[:, :, None, None], out_c, 0), jnp.where(valid[:, :, None, None], out_x, 0))
-      result[name] = {'out_rel_err': out_err, 'grad_rel_err': max(rel(a, b) for a, b in zip(g_c, g_x)),
+      out_c, g_c = run('cudnn')
+      errs = [rel(a, b) for a, b in zip(g_c, g_x)]
+      result[name] = {'out_rel_err': rel(jnp.where(rows, out_c, 0), jnp.where(rows, out_x, 0)),
+                      'grad_rel_err': max(errs), 'grad_rel_errs_q_k_v': errs,
+                      'grad_rel_err_real_rows': max(rel(jnp.where(rows, a, 0), jnp.where(rows, b, 0))
+                                                    for a, b in zip(g_c, g_x)),
                       # the fused branches zero padding rows, the blockwise fallback does not
                       'fused_ran': bool((~valid).any() and float(jnp.abs(out_c.astype(jnp.float32))[~valid].max()) == 0)}
     except Exception as e:  # noqa: BLE001 -- recorded, and the steps then run blockwise
       result[name] = {'error': f'{type(e).__name__}: {str(e)[:300]}'}
-  result['ok'] = all('error' not in r and r['out_rel_err'] < 0.05 and r['grad_rel_err'] < 0.05
-                     for r in result.values() if isinstance(r, dict))
+  result['ok'] = all(_good(r) for r in result.values() if isinstance(r, dict))
   return result
+
+
+def _good(r: dict) -> bool:
+  return 'error' not in r and r['out_rel_err'] < 0.05 and r['grad_rel_err'] < 0.05
+
+
+def choose_kernels(check: dict) -> str:
+  """From the check: the attention implementation for the steps, and (set on attention_kernels)
+  whether packed rows take cuDNN's packed layout; returns the impl."""
+  from coma_jax.model import attention_kernels
+  cases = {k: r for k, r in check.items() if isinstance(r, dict)}
+  packed_ok = all(_good(cases[c]) for c in PACKED_CASES)
+  attention_kernels.PACKED_CUDNN = packed_ok  # else packed rows go blockwise
+  check['packed_cudnn'] = packed_ok
+  if not all(_good(r) for k, r in cases.items() if k not in PACKED_CASES):
+    return 'blockwise'  # the fused path failed its check: measure the portable one instead
+  return 'auto'
 
 
 def build_setup(model_config, make_step, attention_impl: str, dtype_name: str):
@@ -279,15 +307,8 @@ def part_jax(name: str, mode: str, out_dir: str) -> None:
   impl = 'auto'
   if name in ('jax_3b', 'jax_3b_packing'):
     check = attention_check(mode)
-    if check.get('skipped') is None and not check['ok']:
-      from coma_jax.model import attention_kernels
-      packed = ('text_packed_causal', 'vision_full_packed')
-      good = lambda r: 'error' not in r and r['out_rel_err'] < 0.05 and r['grad_rel_err'] < 0.05
-      if all(good(r) for case, r in check.items() if isinstance(r, dict) and case not in packed):
-        attention_kernels.PACKED_CUDNN = False  # only the packed layout failed: packed rows go blockwise
-        check['packed_cudnn'] = False
-      else:
-        impl = 'blockwise'  # the fused path failed its check: measure the portable one instead
+    if check.get('skipped') is None:
+      impl = choose_kernels(check)
     write(out_dir, 'attention_check', dict(check, device=device))
   if name == 'jax_3b_packing':
     run_packing(model_config, mode, impl, dtype_name, out_dir, device)

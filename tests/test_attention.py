@@ -113,7 +113,7 @@ def test_cudnn_path_with_the_kernel_emulated(monkeypatch, layout):
   zeroed by the fused branch only (which tells the branches apart)."""
   from coma_jax.model import attention_kernels
   from coma_jax.model.attention_kernels import cudnn_attention
-  monkeypatch.setattr(attention_kernels, '_packed_cudnn_call', lambda: None)  # the packed branch: its own test
+  monkeypatch.setattr(attention_kernels, 'packed_cudnn_call', lambda: None)  # the packed branch: its own test
   real = jax.nn.dot_product_attention
   monkeypatch.setattr(jax.nn, 'dot_product_attention',
                       lambda *a, implementation=None, **kw: real(*a, implementation='xla', **kw))
@@ -158,7 +158,7 @@ def test_packed_cudnn_path_with_the_kernel_emulated(monkeypatch, layout):
   a layout it cannot take (segments out of order) goes to the blockwise fallback."""
   from coma_jax.model import attention_kernels
   monkeypatch.setattr(attention_kernels, 'PACKED_CUDNN', True)
-  monkeypatch.setattr(attention_kernels, '_packed_cudnn_call', lambda: _EmulatedPackedCudnn)
+  monkeypatch.setattr(attention_kernels, 'packed_cudnn_call', lambda: _EmulatedPackedCudnn)
   real = jax.nn.dot_product_attention
   monkeypatch.setattr(jax.nn, 'dot_product_attention',
                       lambda *a, implementation=None, **kw: real(*a, implementation='xla', **kw))

@@ -36,3 +36,17 @@ def test_dry_run_without_the_data_stack(tmp_path):
   assert stage2['executed_flops'] > stage2['model_flops'] > 0  # remat and GradCache's first pass
   assert stage2['mfu'] is None  # no peak is assumed for a CPU
   assert 'coma_jax / torch' in (out / 'summary.md').read_text()
+
+
+def test_the_check_turns_the_packed_kernel_off_when_it_fails(monkeypatch):
+  sys.path.insert(0, os.path.join(ROOT, 'benchmarks'))
+  import gpu_step
+  from coma_jax.model import attention_kernels
+  monkeypatch.setattr(attention_kernels, 'PACKED_CUDNN', True)
+  good, bad = {'out_rel_err': 0.004, 'grad_rel_err': 0.007}, {'out_rel_err': 0.004, 'grad_rel_err': float('nan')}
+  check = {'text_causal_gqa': good, 'ok': True, **{c: good for c in gpu_step.PACKED_CASES}}
+  assert gpu_step.choose_kernels(check) == 'auto' and check['packed_cudnn'] and attention_kernels.PACKED_CUDNN
+  check['vision_full_packed'] = bad  # packed rows go blockwise, unpacked ones stay on cuDNN
+  assert gpu_step.choose_kernels(check) == 'auto' and not check['packed_cudnn'] and not attention_kernels.PACKED_CUDNN
+  check['text_causal_gqa'] = bad  # the unpacked kernel failed: everything blockwise
+  assert gpu_step.choose_kernels(check) == 'blockwise'

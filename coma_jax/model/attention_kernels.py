@@ -5,7 +5,7 @@ lengths, in bf16/fp16 only. Our calls describe masking by segment ids; a row who
 ids are one segment followed by padding (0) is exactly "length n", which is what collation makes.
 A packed row (segments 1, 2, ..., n in contiguous runs, then padding; queries and keys alike) is
 cuDNN's packed layout: per-segment offsets and lengths (`PACKED_SEGMENTS` at most per row; JAX's
-cuDNN call with q/kv offsets, Hopper and later), behind `PACKED_CUDNN` (off: see there). Any
+cuDNN call with q/kv offsets, Hopper and later), behind `PACKED_CUDNN` (see there). Any
 other row layout (left padding, more segments), or a packed row while that is off, is checked on
 the device and goes to the blockwise path instead (`lax.cond`), so the kernel can never give a
 wrong answer. Query rows on padding come back as zeros (nothing reads them).
@@ -39,10 +39,11 @@ def _prefix_lengths(seg: jax.Array) -> tuple[jax.Array, jax.Array]:
 
 
 PACKED_SEGMENTS = 16  # the most segments of a row the packed cuDNN call takes (data.max_per_row's default)
-# Off until verified: on an H100 (jax 0.11.2) the packed call's forward matched XLA (bf16 rel err
-# 0.4-0.5 %, causal and full) but its gradients did not (NaN / 4.4x, from rows outside every
-# segment; inputs are now zeroed there, unmeasured). Off: packed rows take the blockwise path.
-PACKED_CUDNN = False
+# On an H100 (jax 0.11.2, benchmarks/gpu_step.py's check) the packed call matches XLA in bf16
+# (forward 0.4-0.5 %, gradients 0.4-0.8 %; causal GQA and MHA, full) once the rows outside every
+# segment get zero inputs: without that its gradients were NaN / 4.4x off. Making the padding one
+# more segment also passed, and is not needed. False sends packed rows to the blockwise path.
+PACKED_CUDNN = True
 
 
 def packed_runs(seg: jax.Array, max_segments: int = PACKED_SEGMENTS):
@@ -66,8 +67,9 @@ def packed_runs(seg: jax.Array, max_segments: int = PACKED_SEGMENTS):
   return offsets, jnp.where(present, lengths, -1), ok
 
 
-def _packed_cudnn_call():
-  """JAX's cuDNN attention with packed offsets (a private entry point; None where absent)."""
+def packed_cudnn_call():
+  """JAX's cuDNN attention with packed offsets (a private entry point); None where it is absent or
+  `PACKED_CUDNN` is off."""
   if not PACKED_CUDNN:
     return None
   try:
@@ -94,7 +96,7 @@ def cudnn_attention(q, k, v, q_segment_ids, kv_segment_ids, *, causal: bool) -> 
   def fallback(q, k, v):
     return blockwise_attention(q, k, v, q_segment_ids, kv_segment_ids, causal=causal)
 
-  kernel = _packed_cudnn_call()
+  kernel = packed_cudnn_call()
   if kernel is None or q.shape[1] != k.shape[1]:
     return jax.lax.cond(fits, fused, fallback, q, k, v)
   offsets, lengths, runs_ok = packed_runs(q_segment_ids)
@@ -102,7 +104,8 @@ def cudnn_attention(q, k, v, q_segment_ids, kv_segment_ids, *, causal: bool) -> 
 
   def fused_packed(q, k, v):
     mask = kernel.MaskType.CAUSAL if causal else kernel.MaskType.NO_MASK  # as JAX's own packed test
-    real = (q_segment_ids != 0)[:, :, None, None]  # the kernel leaves rows outside every segment undefined
+    # Rows outside every segment are undefined in the kernel: zero inputs keep its gradients finite.
+    real = (q_segment_ids != 0)[:, :, None, None]
     q, k, v = (jnp.where(real, x, 0) for x in (q, k, v))
     out = kernel.dot_product_attention(q, k, v, None, None, lengths, lengths, offsets, offsets,
                                        scale=q.shape[-1] ** -0.5, mask_type=mask)

@@ -109,11 +109,11 @@ def _flops(run: Run, sides: list):
 def _packing_warning(c) -> None:
   from coma_jax.model import attention_kernels
   if c.data.packing and jax.default_backend() == 'gpu' and c.model.attention in ('auto', 'cudnn') \
-      and not attention_kernels.PACKED_CUDNN:
-    log.warning('data.packing on a GPU: packed rows run the blockwise attention path, not cuDNN (its packed '
-                'layout is not verified yet). Measured on an H100, 3B: packed steps ran 0.41x (stage 1) and 0.89x '
-                '(stage 2) the examples/s of unpacked cuDNN steps. Consider --config.data.packing=False '
-                '(docs/packing.md).')
+      and attention_kernels.packed_cudnn_call() is None:
+    log.warning('data.packing on a GPU without cuDNN\'s packed layout (attention_kernels.PACKED_CUDNN off, or this '
+                'JAX lacks it): packed rows run the blockwise attention path. Measured on an H100, 3B, so: '
+                '0.41x (stage 1) and 0.89x (stage 2) the examples/s of unpacked cuDNN steps. Consider '
+                '--config.data.packing=False (docs/packing.md).')
 
 
 def _collapse_warning(run: Run, loss: float, history: list) -> None:
