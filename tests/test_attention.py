@@ -264,3 +264,41 @@ def test_stage1_step_with_blockwise_attention_everywhere_equals_xla(monkeypatch)
     loss, grads, _ = grads_on(mesh, b, Stage1StepConfig(attention_impl='blockwise'), attention_impl='blockwise')
     assert abs(loss - loss_ref) <= 1e-5 * abs(loss_ref)
     assert max_rel(grads, grads_ref) <= 1e-5
+
+
+@pytest.mark.parametrize('queries', [1, 5])
+def test_queries_after_a_cache_see_the_keys_up_to_their_offset(monkeypatch, queries):
+  """`q_offset`: T queries at key positions offset[b] + t (per row) equal those rows of causal
+  attention over the whole sequence, under xla, blockwise (forward and gradients) and the cuDNN
+  dispatch (its kernel emulated on CPU; one query = a bound on the keys); later keys are ignored."""
+  from coma_jax.model import attention_kernels
+  rng = np.random.default_rng(3)
+  b, s, n, kv, d = 3, 40, 4, 2, 16
+  q_all, k, v, _ = _qkv(rng, b, s, s, n, kv, d)
+  offset = jnp.asarray([0, 17, 40 - queries], jnp.int32)
+  rows = offset[:, None] + jnp.arange(queries)[None]
+  q = jnp.take_along_axis(q_all, rows[:, :, None, None], axis=1)
+  ones = jnp.ones((b, s), jnp.int32)
+  full = attention(q_all, k, v, q_segment_ids=ones, kv_segment_ids=ones, causal=True, impl='xla')
+  expected = np.asarray(jnp.take_along_axis(full, rows[:, :, None, None], axis=1))
+  # garbage past each row's last query must not matter (an unwritten cache)
+  k_dirty = jnp.where((jnp.arange(s)[None] > rows[:, -1:])[:, :, None, None], 1e3, k)
+  call = lambda impl: lambda q, k, v: attention(q, k, v, q_segment_ids=jnp.ones((b, queries), jnp.int32),
+                                                kv_segment_ids=ones, causal=True, q_offset=offset, impl=impl)
+  for impl in ('xla', 'blockwise'):
+    assert np.abs(np.asarray(jax.jit(call(impl))(q, k_dirty, v)) - expected).max() <= TOL, impl
+  g_ref, g = (jax.grad(lambda q, k, v: (call(impl)(q, k, v) ** 2).sum(), argnums=(0, 1, 2))(q, k, v)
+              for impl in ('xla', 'blockwise'))
+  for a, c in zip(g, g_ref):
+    assert np.abs(np.asarray(a - c)).max() <= TOL * max(1.0, float(np.abs(np.asarray(c)).max()))
+  monkeypatch.setattr(attention_kernels, 'packed_cudnn_call', lambda: None)
+  real = jax.nn.dot_product_attention
+  kernel_calls = []
+  def emulated(*a, implementation=None, **kw):
+    kernel_calls.append(kw)
+    return real(*a, implementation='xla', **kw)
+  monkeypatch.setattr(jax.nn, 'dot_product_attention', emulated)
+  monkeypatch.setattr('coma_jax.model.attention.choose_implementation', lambda impl, q, k, backend=None: 'cudnn')
+  out = jax.jit(call('cudnn'))(q.astype(jnp.bfloat16), k_dirty.astype(jnp.bfloat16), v.astype(jnp.bfloat16))
+  assert np.abs(np.asarray(out, np.float32) - expected).max() <= 0.05
+  assert bool(kernel_calls) == (queries == 1)  # one query: the kernel; a chunk: blockwise

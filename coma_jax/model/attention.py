@@ -10,6 +10,11 @@ segment) and a causal flag, the form fused kernels take. Implementations:
   auto       by backend, dtype and shape (below); it logs its choice once per call kind.
 A query row that sees no key gives zeros under xla and blockwise (the model never makes one: its
 queries and keys share segment ids). Outputs at padding rows are unspecified with cudnn (zeros).
+
+Queries after a KV cache (generation) give their `q_offset`: query t of row b is at key position
+q_offset[b] + t. One query per row (a decode step) turns causality into a bound on the keys, which
+every implementation takes as segment ids; several (a chunk) run under xla and blockwise, and
+cudnn and splash hand them to blockwise (their masks are static).
 """
 from __future__ import annotations
 
@@ -67,13 +72,14 @@ def _log_choice(call: str, requested: str, chosen: str, q, k) -> None:
 
 def attention(q: jax.Array, k: jax.Array, v: jax.Array, *, q_segment_ids: jax.Array | None = None,
               kv_segment_ids: jax.Array | None = None, causal: bool = False, impl: str = 'xla',
-              mask: jax.Array | None = None, call: str = 'attention') -> jax.Array:
+              mask: jax.Array | None = None, call: str = 'attention', q_offset=None) -> jax.Array:
   """Scaled dot-product attention with grouped KV heads.
 
   q: (B, T, N, D); k, v: (B, S, K, D) with N % K == 0; segment ids: (B, T) and (B, S) ints >= 0
   (None: one segment). Query t may attend key s iff their segment ids are equal (and s <= t when
   causal). `mask` (B, 1, T, S) bool replaces segments and causality: the explicit-mask CPU
-  reference only (XLA). `call` names the call kind in `auto`'s log. Returns (B, T, N, D) in q's dtype.
+  reference only (XLA). `call` names the call kind in `auto`'s log. `q_offset` (int or (B,) ints):
+  the queries' position among the keys (causal only; None = 0). Returns (B, T, N, D) in q's dtype.
   """
   n, kv_heads = q.shape[2], k.shape[2]
   if n % kv_heads:
@@ -84,13 +90,21 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, *, q_segment_ids: jax.Ar
     q_segment_ids = jnp.zeros(q.shape[:2], jnp.int32)
   if kv_segment_ids is None:
     kv_segment_ids = jnp.zeros(k.shape[:2], jnp.int32)
+  if q_offset is not None and causal:
+    q_offset = jnp.broadcast_to(jnp.asarray(q_offset, jnp.int32), q.shape[:1])
+    if q.shape[1] == 1:  # one query: keys past it get an id unlike the query's (0, or -1 for a 0 query)
+      hidden = jnp.where(q_segment_ids[:, :1] == 0, -1, 0)
+      kv_segment_ids = jnp.where(jnp.arange(k.shape[1])[None] <= q_offset[:, None], kv_segment_ids, hidden)
+      q_offset, causal = None, False
+  elif not causal:
+    q_offset = None
   chosen = choose_implementation(impl, q, k)
   if impl == 'auto':
     _log_choice(call, impl, chosen, q, k)
   if chosen == 'xla':
-    return xla_attention(q, k, v, mask=segment_mask(q_segment_ids, kv_segment_ids, causal))
-  if chosen == 'blockwise':
-    return blockwise_attention(q, k, v, q_segment_ids, kv_segment_ids, causal=causal)
+    return xla_attention(q, k, v, mask=segment_mask(q_segment_ids, kv_segment_ids, causal, q_offset))
+  if chosen == 'blockwise' or q_offset is not None:
+    return blockwise_attention(q, k, v, q_segment_ids, kv_segment_ids, causal=causal, q_offset=q_offset)
   if chosen == 'cudnn':
     return cudnn_attention(q, k, v, q_segment_ids, kv_segment_ids, causal=causal)
   # Splash runs under shard_map over the batch's mesh axes while a train step is traced.
@@ -101,11 +115,13 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, *, q_segment_ids: jax.Ar
   return splash_attention(q, k, v, q_segment_ids, kv_segment_ids, causal=causal, mesh=mesh, batch_axes=batch_axes)
 
 
-def segment_mask(q_segment_ids, kv_segment_ids, causal: bool) -> jax.Array:
-  """(B, T, S) bool: equal segments, and key <= query when causal."""
+def segment_mask(q_segment_ids, kv_segment_ids, causal: bool, q_offset=None) -> jax.Array:
+  """(B, T, S) bool: equal segments, and key <= query (at q_offset + t) when causal."""
   mask = q_segment_ids[:, :, None] == kv_segment_ids[:, None, :]
   if causal:
-    mask = mask & (jnp.arange(q_segment_ids.shape[1])[:, None] >= jnp.arange(kv_segment_ids.shape[1])[None, :])
+    rows = jnp.arange(q_segment_ids.shape[1])[None]
+    rows = rows if q_offset is None else rows + q_offset[:, None]
+    mask = mask & (rows[:, :, None] >= jnp.arange(kv_segment_ids.shape[1])[None, None, :])
   return mask
 
 

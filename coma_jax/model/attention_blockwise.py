@@ -43,13 +43,13 @@ def pad_rows(x: jax.Array, length: int, value) -> jax.Array:
   return jnp.pad(x, widths, constant_values=value)
 
 
-def _tile_mask(q_seg, k_seg, q_start, k_start, causal: bool):
-  """(B, bq, bk) bool for one tile."""
+def _tile_mask(q_seg, k_seg, q_start, k_start, causal: bool, q_off):
+  """(B, bq, bk) bool for one tile; q_off (B,): the queries' offset among the keys."""
   mask = q_seg[:, :, None] == k_seg[:, None, :]
   if causal:
-    rows = q_start + jnp.arange(q_seg.shape[1])
+    rows = q_off[:, None] + q_start + jnp.arange(q_seg.shape[1])[None]
     cols = k_start + jnp.arange(k_seg.shape[1])
-    mask = mask & (rows[:, None] >= cols[None, :])
+    mask = mask & (rows[:, :, None] >= cols[None, None, :])
   return mask
 
 
@@ -58,7 +58,7 @@ def _scores(q_blk, k_blk, scale):
   return jnp.einsum('bqkgd,bskd->bkgqs', q_blk, k_blk, preferred_element_type=jnp.float32) * scale
 
 
-def block_ranges(q_seg, k_seg, bq: int, bk: int, causal: bool):
+def block_ranges(q_seg, k_seg, bq: int, bk: int, causal: bool, q_off=None):
   """Which tiles can hold a visible (query, key) pair, as contiguous loop ranges: per query block
   its key blocks [lo, hi), per key block its query blocks [q_lo, q_hi). A tile is needed when, in
   some row, its query and key segment-id ranges overlap (and, causal, it is not above the
@@ -75,7 +75,8 @@ def block_ranges(q_seg, k_seg, bq: int, bk: int, causal: bool):
   k_min, k_max = summary(k_seg, bk)
   need = jnp.any((q_min[:, :, None] <= k_max[:, None, :]) & (k_min[:, None, :] <= q_max[:, :, None]), axis=0)
   if causal:
-    need &= (jnp.arange(nk)[None, :] * bk) <= (jnp.arange(nq)[:, None] * bq + bq - 1)
+    shift = 0 if q_off is None else q_off.max()
+    need &= (jnp.arange(nk)[None, :] * bk) <= (jnp.arange(nq)[:, None] * bq + bq - 1 + shift)
 
   def first_last(x, n):  # along the last axis: [first True, last True + 1), or an empty range
     some = x.any(-1)
@@ -86,10 +87,10 @@ def block_ranges(q_seg, k_seg, bq: int, bk: int, causal: bool):
   return lo, hi, q_lo, q_hi
 
 
-def _forward(q, k, v, q_seg, k_seg, causal, bq, bk, scale):
+def _forward(q, k, v, q_seg, k_seg, q_off, causal, bq, bk, scale):
   """q (B, T, K, G, D), k/v (B, S, K, D), padded to whole blocks -> out (B, T, K, G, D), lse (B, K, G, T)."""
   b, t, kh, g, d = q.shape
-  lo, hi, _, _ = block_ranges(q_seg, k_seg, bq, bk, causal)
+  lo, hi, _, _ = block_ranges(q_seg, k_seg, bq, bk, causal, q_off)
 
   def query_block(qi):
     q_blk = jax.lax.dynamic_slice_in_dim(q, qi * bq, bq, axis=1)
@@ -100,7 +101,7 @@ def _forward(q, k, v, q_seg, k_seg, causal, bq, bk, scale):
       k_blk = jax.lax.dynamic_slice_in_dim(k, kj * bk, bk, axis=1)
       v_blk = jax.lax.dynamic_slice_in_dim(v, kj * bk, bk, axis=1)
       k_seg_blk = jax.lax.dynamic_slice_in_dim(k_seg, kj * bk, bk, axis=1)
-      mask = _tile_mask(q_seg_blk, k_seg_blk, qi * bq, kj * bk, causal)[:, None, None]
+      mask = _tile_mask(q_seg_blk, k_seg_blk, qi * bq, kj * bk, causal, q_off)[:, None, None]
       s = jnp.where(mask, _scores(q_blk, k_blk, scale), -jnp.inf)
       m_new = jnp.maximum(m, s.max(-1))
       m_safe = jnp.where(jnp.isfinite(m_new), m_new, 0.0)  # an all-masked row so far stays at zero
@@ -124,11 +125,11 @@ def _forward(q, k, v, q_seg, k_seg, causal, bq, bk, scale):
   return out.astype(q.dtype), lse
 
 
-def _backward(q, k, v, q_seg, k_seg, out, lse, d_out, causal, bq, bk, scale):
+def _backward(q, k, v, q_seg, k_seg, q_off, out, lse, d_out, causal, bq, bk, scale):
   b, t, kh, g, d = q.shape
   s_len = k.shape[1]
   nk = s_len // bk
-  _, _, q_lo, q_hi = block_ranges(q_seg, k_seg, bq, bk, causal)
+  _, _, q_lo, q_hi = block_ranges(q_seg, k_seg, bq, bk, causal, q_off)
   # delta_t = sum_d dO * O: the softmax backward's row term, (B, K, G, T).
   delta = jnp.einsum('btkgd,btkgd->bkgt', d_out.astype(jnp.float32), out.astype(jnp.float32))
 
@@ -145,7 +146,7 @@ def _backward(q, k, v, q_seg, k_seg, out, lse, d_out, causal, bq, bk, scale):
       q_seg_blk = jax.lax.dynamic_slice_in_dim(q_seg, qi * bq, bq, axis=1)
       lse_blk = jax.lax.dynamic_slice_in_dim(lse, qi * bq, bq, axis=3)
       delta_blk = jax.lax.dynamic_slice_in_dim(delta, qi * bq, bq, axis=3)
-      mask = _tile_mask(q_seg_blk, k_seg_blk, qi * bq, kj * bk, causal)[:, None, None]
+      mask = _tile_mask(q_seg_blk, k_seg_blk, qi * bq, kj * bk, causal, q_off)[:, None, None]
       p = jnp.where(mask, jnp.exp(_scores(q_blk, k_blk, scale) - lse_blk[..., None]), 0.0)
       dv_blk = dv_blk + jnp.einsum('bkgqs,bqkgd->bskd', p.astype(d_out.dtype), do_blk,
                                    preferred_element_type=jnp.float32)
@@ -168,28 +169,30 @@ def _backward(q, k, v, q_seg, k_seg, out, lse, d_out, causal, bq, bk, scale):
   return dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6, 7, 8))
-def _flash(q, k, v, q_seg, k_seg, causal, bq, bk, scale):
-  return _forward(q, k, v, q_seg, k_seg, causal, bq, bk, scale)[0]
+@functools.partial(jax.custom_vjp, nondiff_argnums=(6, 7, 8, 9))
+def _flash(q, k, v, q_seg, k_seg, q_off, causal, bq, bk, scale):
+  return _forward(q, k, v, q_seg, k_seg, q_off, causal, bq, bk, scale)[0]
 
 
-def _flash_fwd(q, k, v, q_seg, k_seg, causal, bq, bk, scale):
-  out, lse = _forward(q, k, v, q_seg, k_seg, causal, bq, bk, scale)
-  return out, (q, k, v, q_seg, k_seg, out, lse)
+def _flash_fwd(q, k, v, q_seg, k_seg, q_off, causal, bq, bk, scale):
+  out, lse = _forward(q, k, v, q_seg, k_seg, q_off, causal, bq, bk, scale)
+  return out, (q, k, v, q_seg, k_seg, q_off, out, lse)
 
 
 def _flash_bwd(causal, bq, bk, scale, residuals, d_out):
-  q, k, v, q_seg, k_seg, out, lse = residuals
-  dq, dk, dv = _backward(q, k, v, q_seg, k_seg, out, lse, d_out, causal, bq, bk, scale)
-  return dq, dk, dv, None, None
+  q, k, v, q_seg, k_seg, q_off, out, lse = residuals
+  dq, dk, dv = _backward(q, k, v, q_seg, k_seg, q_off, out, lse, d_out, causal, bq, bk, scale)
+  return dq, dk, dv, None, None, None
 
 
 _flash.defvjp(_flash_fwd, _flash_bwd)
 
 
 def blockwise_attention(q: jax.Array, k: jax.Array, v: jax.Array, q_segment_ids: jax.Array,
-                        kv_segment_ids: jax.Array, *, causal: bool, block: int | None = None) -> jax.Array:
-  """q (B, T, N, D), k/v (B, S, K, D), segment ids (B, T) / (B, S) -> (B, T, N, D) in q's dtype."""
+                        kv_segment_ids: jax.Array, *, causal: bool, block: int | None = None,
+                        q_offset: jax.Array | None = None) -> jax.Array:
+  """q (B, T, N, D), k/v (B, S, K, D), segment ids (B, T) / (B, S) -> (B, T, N, D) in q's dtype.
+  q_offset (B,): query t of row b sits at key position q_offset[b] + t (causal; None = 0)."""
   b, t, n, d = q.shape
   s_len, kv_heads = k.shape[1], k.shape[2]
   bq, bk = block_sizes(t, s_len, block)
@@ -198,5 +201,6 @@ def blockwise_attention(q: jax.Array, k: jax.Array, v: jax.Array, q_segment_ids:
   k, v = pad_rows(k, s_pad, 0), pad_rows(v, s_pad, 0)
   q_seg = pad_rows(q_segment_ids.astype(jnp.int32), t_pad, _PAD_Q)
   k_seg = pad_rows(kv_segment_ids.astype(jnp.int32), s_pad, _PAD_KV)
-  out = _flash(qg, k, v, q_seg, k_seg, causal, bq, bk, d ** -0.5)
+  q_off = jnp.zeros((b,), jnp.int32) if q_offset is None else jnp.broadcast_to(jnp.asarray(q_offset, jnp.int32), (b,))
+  out = _flash(qg, k, v, q_seg, k_seg, q_off, causal, bq, bk, d ** -0.5)
   return out[:, :t].reshape(b, t, n, d)
