@@ -30,10 +30,16 @@ def top_p_mask(logits: jax.Array, top_p: jax.Array) -> jax.Array:
 
 def choose_tokens(logits: jax.Array, seeds: jax.Array, step: jax.Array | int, temperature: jax.Array,
                   top_p: jax.Array) -> jax.Array:
-  """logits (B, V) fp32; seeds (B,) int; temperature, top_p (B,) -> tokens (B,) int32."""
+  """logits (B, V) fp32; seeds (B,) int; temperature, top_p (B,) -> tokens (B,) int32. The sort
+  that top-p needs runs only when a row asks for top-p, sampling only when a row samples."""
   greedy = jnp.argmax(logits, axis=-1).astype(jnp.int32)
-  keys = jax.vmap(lambda s: jax.random.fold_in(jax.random.key(s), step))(seeds.astype(jnp.uint32))
-  scaled = logits / jnp.maximum(temperature, 1e-6)[:, None]
-  scaled = jnp.where(top_p_mask(scaled, top_p), scaled, -jnp.inf)
-  sampled = jax.vmap(jax.random.categorical)(keys, scaled).astype(jnp.int32)
+
+  def sample(_):
+    keys = jax.vmap(lambda s: jax.random.fold_in(jax.random.key(s), step))(seeds.astype(jnp.uint32))
+    scaled = logits / jnp.maximum(temperature, 1e-6)[:, None]
+    nucleus = jnp.any((top_p < 1) & (temperature > 0))
+    scaled = jax.lax.cond(nucleus, lambda x: jnp.where(top_p_mask(x, top_p), x, -jnp.inf), lambda x: x, scaled)
+    return jax.vmap(jax.random.categorical)(keys, scaled).astype(jnp.int32)
+
+  sampled = jax.lax.cond(jnp.any(temperature > 0), sample, lambda _: greedy, None)
   return jnp.where(temperature > 0, sampled, greedy)
