@@ -1,5 +1,6 @@
 """KV-cache generation against transformers on tiny random models (images and a video), sampling,
 stopping, the chat template, and the batched `Generator` on a real-vocabulary model."""
+import functools
 import json
 import tempfile
 
@@ -41,9 +42,11 @@ def _torch_generate(tm, row, media):
   return tokens, np.stack([lg[0].float().numpy() for lg in out.logits])
 
 
-@pytest.fixture(scope='module')
-def generated():
-  tm = torch_model('tied_gqa2_win56')
+@functools.lru_cache(maxsize=None)
+def _generated(name: str):
+  """transformers' greedy generation of each prompt (batch 1), and ours of all three (one batch,
+  right-padded): teacher-forced on its tokens, and greedy."""
+  tm = torch_model(name)
   jm = jax_twin(tm)
   rows, media = _prompts()
   ref = [_torch_generate(tm, r, m) for r, m in zip(rows, media)]
@@ -57,16 +60,26 @@ def generated():
   return jm, inputs, ref, forced, greedy
 
 
-def test_teacher_forced_logits_equal_transformers_at_every_step(generated):
-  _, _, ref, forced, _ = generated
+@pytest.fixture(params=['tied_gqa2_win56', 'untied_gqa3_win112'])
+def parity(request):
+  return _generated(request.param)
+
+
+@pytest.fixture()
+def generated():
+  return _generated('tied_gqa2_win56')
+
+
+def test_teacher_forced_logits_equal_transformers_at_every_step(parity):
+  _, _, ref, forced, _ = parity
   worst = [float(np.abs(forced['logits'][i] - logits).max()) for i, (_, logits) in enumerate(ref)]
   print(f'max |logit diff| per prompt over {STEPS} steps (image, video, text): {worst}')
   assert max(worst) <= LOGIT_TOL
   assert (forced['num_tokens'] == STEPS).all()
 
 
-def test_greedy_tokens_equal_transformers_generate(generated):
-  _, _, ref, _, greedy = generated
+def test_greedy_tokens_equal_transformers_generate(parity):
+  _, _, ref, _, greedy = parity
   for i, (tokens, logits) in enumerate(ref):
     top2 = np.sort(logits, axis=-1)[:, -2:]
     margins = top2[:, 1] - top2[:, 0]
