@@ -10,7 +10,9 @@
 
 `answers` and `captions` write the reference's QA-generation format (`{id, image, message}`), which
 `convert_qa` turns into the LLaVA JSONL that `build_tfds stage1_qa` reads. Every stage is
-resumable: a rerun skips the ids in its output and in `<output>.failures.jsonl`.
+resumable: a rerun skips the ids in its output and in `<output>.failures.jsonl`. On a pod, run one
+process per host with `--shard K/N` and its own `--output` (the jax back-end uses that host's
+devices), then concatenate the outputs.
 """
 from __future__ import annotations
 
@@ -78,6 +80,7 @@ def main(argv=None) -> int:
     p.add_argument('--mesh_shape', default='-1,1,1', help='jax: data,fsdp,tensor')
     p.add_argument('--min_pixels', type=int, default=28 * 28 * 256)
     p.add_argument('--max_pixels', type=int, default=28 * 28 * 1024)
+    p.add_argument('--shard', default='0/1', help='K/N: this process takes every N-th input record from the K-th')
     p.add_argument('--no_progress', action='store_true')
   args = parser.parse_args(argv)
   logging.basicConfig(level=logging.INFO, format='%(asctime)s %(levelname)s %(name)s: %(message)s')
@@ -91,7 +94,7 @@ def main(argv=None) -> int:
       os.replace(tmp, args.output)
       print(f'wrote {len(records)} images to {args.output}')
       return 0
-    records = stages.read_records(args.input)
+    records = stages.take_shard(stages.read_records(args.input), args.shard)
     options = stages.StageOptions(image_root=args.image_root, seed=args.seed, temperature=args.temperature,
                                   top_p=args.top_p, max_tokens=args.max_tokens, max_passes=args.max_passes,
                                   progress=not args.no_progress)

@@ -6,7 +6,9 @@
 POST /v1/chat/completions takes `messages` (text parts, and images as `image_url` data: URLs or
 local paths), `max_tokens` / `max_completion_tokens`, `temperature` (default 1, as OpenAI's),
 `top_p`, `seed` (default 0; a request's tokens depend on its seed alone, not on its batch).
-`n` > 1 and streaming are refused (400). GET /v1/models and /health answer too.
+`n` > 1 and streaming are refused (400). An image must come inline (a data: URL) unless the server
+runs with `--allow_local_images` (then a local path the server can read is taken too: only for a
+server on a trusted host). GET /v1/models and /health answer too.
 
 Request batching: each request is checked and tokenised on its own handler thread (a bad image
 fails that request alone, 400), then a single worker takes what is waiting, up to
@@ -34,10 +36,25 @@ class BadRequest(ValueError):
   pass
 
 
-def parse_request(body: dict, max_new_tokens: int) -> Request:
+def _check_images(messages: list, allow_local: bool) -> None:
+  for i, message in enumerate(messages):
+    if not isinstance(message, dict):
+      raise BadRequest(f'messages[{i}]: a message must be an object')
+    for part in message.get('content') if isinstance(message.get('content'), list) else ():
+      if not isinstance(part, dict) or not ('image' in part or 'image_url' in part) or allow_local:
+        continue
+      url = part.get('image_url')
+      url = url.get('url') if isinstance(url, dict) else url
+      if not (isinstance(url, str) and url.startswith('data:')):
+        raise BadRequest(f'messages[{i}]: images must be inline data: URLs (the server reads no local files '
+                         'unless started with --allow_local_images)')
+
+
+def parse_request(body: dict, max_new_tokens: int, allow_local_images: bool = False) -> Request:
   """An OpenAI chat-completions body -> a generator Request (BadRequest names the field)."""
   if not isinstance(body, dict) or not isinstance(body.get('messages'), list) or not body['messages']:
     raise BadRequest('messages: a non-empty list is required')
+  _check_images(body['messages'], allow_local_images)
   if body.get('stream'):
     raise BadRequest('stream: streaming is not supported')
   if body.get('n', 1) != 1:
@@ -93,7 +110,7 @@ class BatchingWorker:
         future.set_result(result)
 
 
-def make_handler(generator: Generator, worker: BatchingWorker, model_name: str):
+def make_handler(generator: Generator, worker: BatchingWorker, model_name: str, allow_local_images: bool):
 
   class Handler(http.server.BaseHTTPRequestHandler):
     protocol_version = 'HTTP/1.1'
@@ -125,7 +142,7 @@ def make_handler(generator: Generator, worker: BatchingWorker, model_name: str):
         return self._error(404, f'no route {self.path}', 'not_found')
       try:
         body = json.loads(self.rfile.read(int(self.headers.get('Content-Length') or 0)) or b'null')
-        request = parse_request(body, generator.settings.max_new_tokens)
+        request = parse_request(body, generator.settings.max_new_tokens, allow_local_images)
         prepared = generator.prepare(request)
       except (ValueError, json.JSONDecodeError) as e:  # BadRequest, a bad image (BadRecord), bad JSON
         return self._error(400, str(e), 'invalid_request_error')
@@ -144,10 +161,12 @@ def make_handler(generator: Generator, worker: BatchingWorker, model_name: str):
   return Handler
 
 
-def serve(generator: Generator, host: str, port: int, wait_ms: float, model_name: str):
+def serve(generator: Generator, host: str, port: int, wait_ms: float, model_name: str,
+          allow_local_images: bool = False):
   """Builds the server (port 0: any free port; its `server_address` says which)."""
   worker = BatchingWorker(generator, wait_ms / 1000)
-  server = http.server.ThreadingHTTPServer((host, port), make_handler(generator, worker, model_name))
+  server = http.server.ThreadingHTTPServer((host, port), make_handler(generator, worker, model_name,
+                                                                      allow_local_images))
   server.daemon_threads = True
   return server
 
@@ -165,6 +184,8 @@ def main(argv=None) -> int:
   parser.add_argument('--min_pixels', type=int, default=28 * 28 * 256)
   parser.add_argument('--max_pixels', type=int, default=28 * 28 * 1024)
   parser.add_argument('--served_model_name', default=None, help='the model name in responses (default: --model)')
+  parser.add_argument('--allow_local_images', action='store_true',
+                      help='also take images as local paths the server reads (trusted hosts only)')
   args = parser.parse_args(argv)
   logging.basicConfig(level=logging.INFO, format='%(asctime)s %(levelname)s %(name)s: %(message)s')
   from coma_jax.data.image import ImageSettings
@@ -175,7 +196,8 @@ def main(argv=None) -> int:
   except (FileNotFoundError, ValueError) as e:
     print(f'error: {e}', file=sys.stderr)
     return 1
-  server = serve(generator, args.host, args.port, args.batch_wait_ms, args.served_model_name or args.model)
+  server = serve(generator, args.host, args.port, args.batch_wait_ms, args.served_model_name or args.model,
+                 args.allow_local_images)
   host, port = server.server_address[:2]
   print(f'serving {args.model} on http://{host}:{port}/v1/chat/completions', flush=True)
   try:

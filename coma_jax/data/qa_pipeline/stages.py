@@ -51,6 +51,18 @@ def read_records(path: str) -> list[dict]:
   return records
 
 
+def take_shard(records: list[dict], shard: str) -> list[dict]:
+  """`K/N`: every N-th record from the K-th (one process per host of a pod, each with its own
+  --output; concatenate the outputs)."""
+  try:
+    k, n = (int(x) for x in shard.split('/'))
+  except ValueError:
+    raise ValueError(f'--shard {shard!r}: expected K/N, e.g. 0/4') from None
+  if not 0 <= k < n:
+    raise ValueError(f'--shard {shard!r}: K must be in 0..N-1')
+  return records[k::n]
+
+
 class _Progress:
   def __init__(self, total: int, desc: str, enabled: bool):
     self.bar = None
