@@ -7,7 +7,7 @@ PYTHON ?= python3
 export JAX_COMPILATION_CACHE_DIR ?= $(CURDIR)/.cache/jax
 export JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS ?= 0.5
 
-.PHONY: demo test test-all clean
+.PHONY: demo sweep test test-all clean
 
 $(VENV)/.installed-%: setup.py constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -17,6 +17,10 @@ $(VENV)/.installed-%: setup.py constraints.txt
 
 demo: $(VENV)/.installed-demo
 	$(PY) -m coma_jax.demo
+
+# The CoMa effect at laptop scale: 5 arms x 3 seeds on the demo data (configs/sweeps/coma_effect.py).
+sweep: $(VENV)/.installed-demo
+	$(PY) -m coma_jax.sweep --sweep configs/sweeps/coma_effect.py --workdir runs/coma_effect
 
 test: $(VENV)/.installed-test
 	$(PY) -m pytest -q -m "not slow" --durations=10

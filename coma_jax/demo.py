@@ -19,10 +19,10 @@ import argparse
 import json
 import os
 import platform
-import subprocess
 import sys
 import time
 
+from coma_jax.experiments.stage_runs import StageFailed, config_value, evaluate_stage, show, train_stage
 from coma_jax.plot import run_records
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -30,23 +30,6 @@ CONFIG = os.path.join(ROOT, 'configs', 'demo.py')
 TIMES = 'demo_times.json'  # the wall time of each stage when it last ran
 # What "learned" means (the demo issue): on retrieval and classification, P@1 >= 3x chance and >= 0.5.
 LEARNED_TASKS, MIN_RATIO, MIN_P_AT_1 = ('retrieval', 'classification'), 3.0, 0.5
-
-
-class StageFailed(RuntimeError):
-  pass
-
-
-def _latest_step(workdir: str) -> int | None:
-  import logging
-  from coma_jax.training.workdir import checkpoints_of
-  if not os.path.isfile(os.path.join(workdir, 'config.json')):
-    return None
-  logging.getLogger('absl').setLevel(logging.ERROR)  # orbax warns that a read-only manager is read-only
-  ckpts = checkpoints_of(workdir)
-  try:
-    return ckpts.latest_step()
-  finally:
-    ckpts.close()
 
 
 def machine() -> str:
@@ -59,46 +42,10 @@ def machine() -> str:
   return f'{cores} CPU cores ({model})'
 
 
-def _show(text: str) -> str:
-  """Paths under the current folder, shown relative to it (shorter, and what a user would type)."""
-  return text.replace(os.path.join(os.getcwd(), ''), '')
-
-
-def _run(name: str, cmd: list[str], log_path: str, workdir: str | None = None, total: int | None = None) -> None:
-  """Runs one stage's command with its output in log_path, printing progress from its metrics."""
-  print(f'  $ python {_show(" ".join(cmd[1:]))}\n    log: {_show(log_path)}', flush=True)
-  env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [ROOT, os.environ.get('PYTHONPATH')])))
-  with open(log_path, 'a') as log:
-    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
-    shown, last_print = 0, time.monotonic()
-    while proc.poll() is None:
-      time.sleep(1.0)
-      if workdir is None:
-        continue
-      train = [r for r in run_records(workdir) if 'split' not in r]
-      if train and train[-1]['step'] != shown and (time.monotonic() - last_print > 15 or train[-1]['step'] == total):
-        r = train[-1]
-        eta = (total - r['step']) / max(r.get('steps_per_s') or 0, 1e-9) if total else 0
-        print(f'    step {r["step"]}/{total}  loss {r["loss"]:.4f}  {r.get("steps_per_s", 0):.2f} steps/s  '
-              f'eta {eta:.0f} s', flush=True)
-        shown, last_print = r['step'], time.monotonic()
-  if proc.returncode != 0:
-    tail = open(log_path, errors='replace').read().splitlines()[-30:]
-    raise StageFailed(f'{name} failed (exit status {proc.returncode}); the end of {log_path}:\n' + '\n'.join(tail))
-
-
 def _train(stage: str, workdir: str, data_dir: str, extra: list[str], times: dict, init_from: str | None = None):
-  cmd = [sys.executable, '-m', 'coma_jax.train', '--config', f'{CONFIG}:{stage}', '--workdir', workdir,
-         f'--config.data.data_dir={data_dir}'] + ([f'--config.init_from={init_from}'] if init_from else []) + extra
-  latest, total = _latest_step(workdir), _steps_of(stage, extra)
-  if latest is not None and latest >= total:
-    print(f'{stage}: finished ({latest} steps) in {_show(workdir)}; skipped')
-    return
-  print(f'{stage}: ' + (f'resuming from step {latest} of {total}' if latest else f'training {total} steps'), flush=True)
-  os.makedirs(workdir, exist_ok=True)
-  start = time.monotonic()
-  _run(stage, cmd, os.path.join(workdir, 'train.log'), workdir, total)
-  times[stage] = round(time.monotonic() - start, 1)
+  wall = train_stage(stage, f'{CONFIG}:{stage}', workdir, data_dir, extra, _steps_of(stage, extra), init_from)
+  if wall is not None:
+    times[stage] = wall
 
 
 def _steps_of(stage: str, extra: list[str]) -> int:
@@ -106,24 +53,14 @@ def _steps_of(stage: str, extra: list[str]) -> int:
   for arg in reversed(extra):
     if arg.startswith('--config.train.steps='):
       return int(arg.split('=', 1)[1])
-  if ROOT not in sys.path:
-    sys.path.insert(0, ROOT)
-  from configs import demo as demo_config
-  return demo_config.get_config(stage).train.steps
+  return config_value(CONFIG, stage, {}, 'train.steps')
 
 
 def _evaluate(model: str, data: dict, out: str, times: dict) -> None:
-  report = os.path.join(out, 'report.json')
-  latest = os.path.join(model, 'checkpoints')
-  if os.path.isfile(report) and os.path.getmtime(report) > os.path.getmtime(latest):
-    print(f'evaluate: {_show(report)} is newer than the stage-2 checkpoints; skipped')
-    return
-  os.makedirs(out, exist_ok=True)
-  cmd = [sys.executable, '-m', 'coma_jax.evaluate', '--model', model, '--mmeb_dir', data['mmeb_eval_raw'],
-         '--image_root', data['mmeb_eval_images'], '--task_table', data['task_table'], '--out', out]
-  start = time.monotonic()
-  _run('evaluate', cmd, os.path.join(out, 'evaluate.log'))
-  times['evaluate'] = round(time.monotonic() - start, 1)
+  wall = evaluate_stage(model, ['--mmeb_dir', data['mmeb_eval_raw'], '--image_root', data['mmeb_eval_images'],
+                                '--task_table', data['task_table']], out)
+  if wall is not None:
+    times['evaluate'] = wall
 
 
 def loss_fell(workdir: str, window: int = 10) -> tuple[float, float]:
@@ -189,10 +126,10 @@ def main(argv=None) -> int:
     start = time.monotonic()
     data = build_demo_data(os.path.abspath(args.data_dir or os.path.join(work, 'data')), args.size, args.seed)
     if data['reused_raw'] and 'data' in times:
-      print(f'data: {_show(data["data_dir"])} (built before; reused)', flush=True)
+      print(f'data: {show(data["data_dir"])} (built before; reused)', flush=True)
     else:
       times['data'] = round(time.monotonic() - start, 1)
-      print(f'data: {_show(data["data_dir"])} ({times["data"]} s)', flush=True)
+      print(f'data: {show(data["data_dir"])} ({times["data"]} s)', flush=True)
     _train('stage1', stage1, data['data_dir'], extra, times)
     _train('stage2', stage2, data['data_dir'], extra, times, init_from=stage1)
     _evaluate(stage2, data, report_dir, times)
@@ -208,7 +145,7 @@ def main(argv=None) -> int:
   falls = {stage: loss_fell(d) for stage, d in (('stage 1', stage1), ('stage 2', stage2))}
   print('Training loss (mean of the first and last 10 steps): '
         + '; '.join(f'{s} {a:.3f} -> {b:.3f}' for s, (a, b) in falls.items()))
-  print(_show(f'\nArtefacts:\n  data:     {data["data_dir"]} (built datasets; raw/ and mmeb_eval_raw/ hold the files)\n'
+  print(show(f'\nArtefacts:\n  data:     {data["data_dir"]} (built datasets; raw/ and mmeb_eval_raw/ hold the files)\n'
               f'  stage 1:  {stage1} (checkpoints/, metrics.jsonl, tensorboard/, plots/, train.log)\n'
               f'  stage 2:  {stage2} (the same, and the embedding model: coma_jax.Embedder.load)\n'
               f'  report:   {report_dir} (report.md, report.json, report.png, evaluate.log)'))

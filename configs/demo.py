@@ -6,6 +6,7 @@ hidden 128, 4 LLM and 2 vision layers) cannot learn through a frozen random visi
 small adapter, so the demo trains every weight, in fp32, on 112 px images, with fixed step counts.
 
   python -m coma_jax.train --config configs/demo.py:stage1 --config.data.data_dir=DATA --workdir RUN1
+  (configs/demo.py:stage0: the same step with the plain LM loss and no compression tokens; see get_config)
   python -m coma_jax.train --config configs/demo.py:stage2 --config.data.data_dir=DATA \
       --config.init_from=RUN1 --workdir RUN2
 """
@@ -17,6 +18,15 @@ IMAGE_PIXELS = 112 * 112  # every demo image is resized to about 112 x 112: 64 p
 
 
 def get_config(variant: str = 'stage1'):
+  """stage1, stage2, or stage0: generative pre-training standing in for the instruction tuning a
+  real Qwen2.5-VL has had (the demo model starts random): the stage-1 data and step with the plain
+  LM loss on the answers, full causal attention and no compression tokens (K = 0). Its workdir is
+  an init_from for stage 1 or stage 2, which add their own compression tokens."""
+  if variant == 'stage0':
+    c = get_config('stage1')
+    c.model.num_compression_tokens = 0
+    c.stage1.mask = 'causal'
+    return c
   c = base.get_config(variant)
   c.model.init = 'random'
   c.model.hf_config = os.path.join(os.path.dirname(__file__), '..', 'coma_jax', 'model', 'hf_configs',

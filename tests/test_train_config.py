@@ -14,7 +14,7 @@ from coma_jax.training.validation import make_validation
 from coma_jax.training.workdir import checkpoints_of
 from configs import coma_3b, coma_7b, demo, tiny
 
-SHIPPED = [(module, variant) for module in (tiny, demo, coma_3b, coma_7b) for variant in ('stage1', 'stage2')]
+SHIPPED = [(module, variant) for module in (tiny, demo, coma_3b, coma_7b) for variant in ('stage1', 'stage2')] + [(demo, 'stage0')]
 
 
 class Recorder:

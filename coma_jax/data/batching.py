@@ -184,11 +184,12 @@ def collate_rows(examples: Sequence[Example], rows: Sequence[Sequence[int]], cfg
         raise ValueError(f'example {ex.id!r} has {len(comp)} compression tokens, expected {k}')
       compression[row, j], reps[row, j] = start + comp, rep_index[i]
       # The stage-1 mask's second call: this example's [compression + dialogue] tail, its own segment.
-      size = n - comp[0]
-      split_index[row, tail:tail + size] = start + np.arange(comp[0], n)
-      split_segment[row, tail:tail + size] = j + 1
       dialogue = np.flatnonzero(ex.roles == ROLE_DIALOGUE)
-      split_slot[row, start + dialogue] = tail + dialogue - comp[0]
+      first = comp[0] if k else dialogue[0] if dialogue.size else n  # K = 0 (stage 0): the dialogue
+      size = n - first
+      split_index[row, tail:tail + size] = start + np.arange(first, n)
+      split_segment[row, tail:tail + size] = j + 1
+      split_slot[row, start + dialogue] = tail + dialogue - first
       start, tail = start + n, tail + size
 
   groups = b // rows_per_group

@@ -43,8 +43,8 @@ class SequenceSettings:
   def __post_init__(self):
     if self.label_mode not in LABEL_MODES:
       raise ValueError(f'label_mode must be one of {LABEL_MODES}, got {self.label_mode!r}')
-    if self.num_compression_tokens < 1:
-      raise ValueError(f'num_compression_tokens must be >= 1, got {self.num_compression_tokens}')
+    if self.num_compression_tokens < 0:  # 0: stage 0, the plain LM loss without compression tokens
+      raise ValueError(f'num_compression_tokens must be >= 0, got {self.num_compression_tokens}')
 
 
 @dataclasses.dataclass
@@ -81,7 +81,7 @@ class TokenIds:
   @classmethod
   def of(cls, tok: QwenTokenizer, k: int) -> 'TokenIds':
     return cls(tok.id_of('<|vision_start|>'), tok.id_of('<|vision_end|>'), tok.id_of('<|image_pad|>'),
-               tok.id_of('<|im_start|>'), tok.id_of('<|im_end|>'), tuple(tok.add_compression_tokens(k)))
+               tok.id_of('<|im_start|>'), tok.id_of('<|im_end|>'), tuple(tok.add_compression_tokens(k)) if k else ())
 
 
 def _images(refs, record_id: str, settings: ImageSettings):

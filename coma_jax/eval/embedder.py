@@ -94,6 +94,9 @@ class Embedder:
       raise ValueError(f'coma_embedding.json lacks {missing}: cannot know how the model embeds')
     self.model, self.tokenizer, self.metadata = model, tokenizer, metadata
     self.k = metadata['num_compression_tokens']
+    if self.k < 1:
+      raise ValueError('this run trained without compression tokens (a stage-0 run, K = 0): it makes no '
+                       'embeddings; train stage 1 or stage 2 from it')
     ids = tokenizer.add_compression_tokens(self.k, embedding_rows=model.config.text.vocab_size)
     if ids[0] != metadata['first_compression_token_id']:
       raise ValueError(f'the tokenizer gives compression token ids from {ids[0]}, but the model was trained with '

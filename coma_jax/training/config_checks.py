@@ -41,8 +41,12 @@ def check_config(c, num_devices: int, process_count: int = 1, abstract: bool = F
              "model.init='pretrained' needs a local Qwen2.5-VL checkpoint directory")
   if c.model.init == 'random':
     _require(bool(c.model.hf_config or c.model.checkpoint), 'model.hf_config', "model.init='random' needs a config.json")
-  _require(c.model.num_compression_tokens >= 1, 'model.num_compression_tokens',
-           f'K must be >= 1, got {c.model.num_compression_tokens}')
+  stage0 = stage1 and c.stage1.mask == 'causal'  # K = 0 there: stage 0, the plain LM loss
+  _require(c.model.num_compression_tokens >= (0 if stage0 else 1), 'model.num_compression_tokens',
+           f'K must be >= 1 (0 only in stage 1 with stage1.mask=causal: stage 0), got {c.model.num_compression_tokens}')
+  if c.model.num_compression_tokens == 0:
+    _require(c.trainable.embeddings != 'new_tokens_only', 'trainable.embeddings',
+             "'new_tokens_only' trains the compression tokens' rows, and K = 0 has none")
   _require(c.model.remat in REMATS, 'model.remat', f'must be one of {REMATS}, got {c.model.remat!r}')
   for key in ('dtype', 'frozen_dtype'):
     _require(getattr(c.model, key) in DTYPES, f'model.{key}', f'must be one of {DTYPES}, got {getattr(c.model, key)!r}')

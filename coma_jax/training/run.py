@@ -140,8 +140,10 @@ def build_run(c, *, abstract: bool = False, devices=None) -> Run:
   model, base = make_model(c, mesh, rules, abstract)
   model_config = model.config
   first_id = tokenizer.add_compression_tokens(c.model.num_compression_tokens,
-                                              embedding_rows=model_config.text.vocab_size)[0]
-  if source and (source['num_compression_tokens'], source['first_compression_token_id']) != (
+                                              embedding_rows=model_config.text.vocab_size)[0] \
+      if c.model.num_compression_tokens else None  # stage 0 adds none
+  # A stage-0 source (K = 0) trained no compression tokens: this run adds its own.
+  if source and source['num_compression_tokens'] and (source['num_compression_tokens'], source['first_compression_token_id']) != (
       c.model.num_compression_tokens, first_id):
     raise ConfigError(f'config.model.num_compression_tokens: {c.model.num_compression_tokens} tokens from id '
                       f'{first_id}, but config.init_from trained {source["num_compression_tokens"]} from id '
