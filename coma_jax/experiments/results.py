@@ -77,7 +77,8 @@ def plot(results: dict, path: str) -> None:
     values = [v['overall'] for v in r['seeds'].values()]
     ax.scatter([i] * len(values), values, color='black', s=12, zorder=3)
   ax.set_xticks(range(len(arms)), arms, rotation=20, ha='right')
-  ax.set_ylabel('overall P@1 (mean, 95 % interval; dots: seeds)')
+  ax.set_ylabel('overall P@1')
+  ax.set_title('mean over seeds, 95 % interval; dots: seeds', fontsize=9)
   fig.tight_layout()
   fig.savefig(path, dpi=120)
   plt.close(fig)
