@@ -111,6 +111,7 @@ def test_meshes_agree_with_one_device_including_grad_cache(setup_data):
     assert rel(g, g1) <= 1e-5, shape
 
 
+@pytest.mark.slow  # a memory property (compiled temp sizes), not correctness: make test-all
 def test_activation_memory_follows_the_chunk_not_the_batch(setup_data):
   model, _ = setup_data
   g, p, f = nnx.split(model, TrainableConfig().filter(), ...)

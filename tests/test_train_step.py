@@ -82,6 +82,7 @@ def test_meshes_agree_with_one_device(data):
   assert embedding_mu.sharding.spec == jax.sharding.PartitionSpec('tensor', 'fsdp')
 
 
+@pytest.mark.slow  # remat policies and scan vs unrolled: make test-all (scan = unrolled is also a parity test)
 def test_accumulation_remat_and_scan_agree(data):
   loss1, grads1, _ = grads_on((1, 1, 1), data)
   for cfg, kw in [(Stage1StepConfig(micro_batches=4), {}), (Stage1StepConfig(), {'remat': 'full'}),
