@@ -172,6 +172,7 @@ def test_sharded_generation_equals_one_device(generated):
   the batch (four rows, one vision group each) over data x fsdp; the same tokens and logits."""
   import jax
   from flax import nnx
+  from coma_jax.data.pipeline import to_global
   from coma_jax.generate.decode import generate_tokens, prompt_lengths
   from coma_jax.model.inputs import BATCH_AXIS
   from coma_jax.parallel.activations import under_rules
@@ -189,13 +190,12 @@ def test_sharded_generation_equals_one_device(generated):
   mesh, rules = make_mesh((2, 2, 2)), rules_dict(())
   graphdef, state = nnx.split(jm)
   state = jax.device_put(state, state_shardings(state, rules, mesh, units=head_units(jm.config)))
-  place = lambda tree: jax.tree_util.tree_map_with_path(
-      lambda p, x: jax.device_put(x, batch_sharding(np.shape(x), BATCH_AXIS.get(getattr(p[-1], 'name', ''), 0) if p else 0,
-                                                    rules, mesh)), tree)
   run = jax.jit(under_rules(lambda s, *a: generate_tokens(nnx.merge(graphdef, s), *a, settings=settings), mesh, rules))
   per_row = (*prompt_lengths(inputs), np.array([1, 2, 3, 4], np.uint32), np.array([0, 0.8, 0, 0.8], np.float32),
              np.ones(4, np.float32), np.full(4, 8, np.int32))
-  out = run(state, place(inputs), *(place(a) for a in per_row))
+  placed = to_global({'inputs': inputs, **{str(i): a for i, a in enumerate(per_row)}},
+                     lambda name, shape: batch_sharding(shape, BATCH_AXIS.get(name, 0), rules, mesh), processes=1)
+  out = run(state, placed['inputs'], *(placed[str(i)] for i in range(len(per_row))))
   assert 'fsdp' in str(out['tokens'].sharding.spec) or 'data' in str(out['tokens'].sharding.spec)
   assert (np.asarray(out['tokens']) == ref['tokens']).all()
   assert np.abs(np.asarray(out['logits']) - ref['logits']).max() <= 1e-4

@@ -83,6 +83,15 @@ def needs_of(examples: Sequence[Example | None], cfg: ModelConfig, examples_per_
                label_slots=max([e.num_labels for e in real] + [0]))
 
 
+def power_of_two_bucket(n: int, smallest: int) -> int:
+  """The next power of two from `smallest` that holds n: few distinct shapes, so few compilations
+  (inference batches: the embedder, the generator)."""
+  size = smallest
+  while size < n:
+    size *= 2
+  return size
+
+
 def pick_bucket(buckets: Sequence[Bucket], needs: Needs) -> Bucket:
   for b in buckets:
     if b.seq_len >= needs.seq_len and b.vision_slots >= needs.vision_slots and b.label_slots >= needs.label_slots:

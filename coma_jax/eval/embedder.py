@@ -25,7 +25,7 @@ from flax import nnx
 from jax.sharding import Mesh
 from PIL import Image
 
-from coma_jax.data.batching import Bucket, Needs, collate, example_slots, needs_of
+from coma_jax.data.batching import Bucket, Needs, collate, example_slots, needs_of, power_of_two_bucket
 from coma_jax.data.formats import MMEB_IMAGE_TAG, Side
 from coma_jax.data.image import ImageSettings
 from coma_jax.data.pipeline import global_max, to_global
@@ -40,14 +40,6 @@ log = logging.getLogger('coma_jax.embed')
 REQUIRED = ('num_compression_tokens', 'first_compression_token_id', 'min_pixels', 'max_pixels')
 MAX_LENGTH, MAX_VISION_SLOTS = 8192, 16384
 RELEASE_K = 32  # the authors' released checkpoints: 32 compression tokens
-
-
-def _bucket_size(n: int, smallest: int) -> int:
-  """The next power of two from `smallest`: few distinct shapes, so few compilations."""
-  size = smallest
-  while size < n:
-    size *= 2
-  return size
 
 
 def _image_ref(image):
@@ -194,8 +186,8 @@ class Embedder:
       needs = needs_of(examples, cfg, 1)
       if self.processes > 1:
         needs = Needs(*global_max(needs.as_array()).tolist())
-      bucket = Bucket(_bucket_size(needs.seq_len, 64),
-                      _bucket_size(needs.vision_slots, cfg.vision.window_patches) if needs.vision_slots else 0, 0)
+      bucket = Bucket(power_of_two_bucket(needs.seq_len, 64),
+                      power_of_two_bucket(needs.vision_slots, cfg.vision.window_patches) if needs.vision_slots else 0, 0)
       batch = collate(examples, cfg, bucket, 1, self.k)
       side = to_global({k: batch[k] for k in ('inputs', 'compression_positions', 'example_valid')}, sharding,
                        processes=self.processes)

@@ -23,6 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from coma_jax.data.batching import power_of_two_bucket
 from coma_jax.data.image import ImageSettings, decode_image, resize_image
 from coma_jax.generate.chat import IMAGE, encode_chat, media_parts
 from coma_jax.generate.decode import DecodeSettings, generate_tokens, prompt_lengths
@@ -51,13 +52,6 @@ class Completion:
   token_ids: list
   finish_reason: str  # 'stop' (an end token) or 'length'
   prompt_tokens: int
-
-
-def _bucket(n: int, smallest: int) -> int:
-  size = smallest
-  while size < n:
-    size *= 2
-  return size
 
 
 def image_source(part: dict):
@@ -146,7 +140,7 @@ class Generator:
     cfg = self.model.config
     filler = [self.tokenizer.id_of(END_TOKENS[0])]
     rows = list(rows) + [(filler, [])] * (self.batch_size - len(rows))
-    length = _bucket(max(len(ids) for ids, _ in rows), self.min_prompt_bucket)
+    length = power_of_two_bucket(max(len(ids) for ids, _ in rows), self.min_prompt_bucket)
     ids = np.zeros((self.batch_size, length), np.int64)
     mask = np.zeros_like(ids)
     for r, (row_ids, _) in enumerate(rows):
@@ -158,18 +152,10 @@ class Generator:
     per_group = self.batch_size // groups
     slots = max(sum(slots_needed([im.grid for _, ims in rows[g * per_group:(g + 1) * per_group] for im in ims],
                                  cfg.vision)) for g in range(groups))
-    budget = _bucket(max(slots, 1), cfg.vision.window_patches)
+    budget = power_of_two_bucket(max(slots, 1), cfg.vision.window_patches)
     return build_model_inputs(cfg, ids, mask, pixel_values=np.concatenate([im.patches() for im in images]),
                               image_grid_thw=np.array([im.grid for im in images]), seq_len=length,
                               vision_groups=groups, patch_budget=budget, vision_rows=1, vision_row_len=budget)
-
-  def _place(self, inputs):
-    def put(path, x):
-      if x is None:
-        return None
-      axis = BATCH_AXIS.get(getattr(path[-1], 'name', ''), 0) if path else 0
-      return jax.device_put(x, batch_sharding(np.shape(x), axis, self.rules, self.mesh))
-    return jax.tree_util.tree_map_with_path(put, inputs)
 
   # ----------------------------------------------------------------------------- generation
 
@@ -189,11 +175,16 @@ class Generator:
     prompt_len, next_position = prompt_lengths(inputs)
     b, n = self.batch_size, self.settings.max_new_tokens
     pad = lambda values, fill, dtype: np.array(list(values) + [fill] * (b - len(requests)), dtype)
-    args = (prompt_len, next_position, pad([r.seed for r in requests], 0, np.uint32),
-            pad([r.temperature for r in requests], 0.0, np.float32), pad([r.top_p for r in requests], 1.0, np.float32),
-            pad([r.max_new_tokens or n for r in requests], 1, np.int32))
-    placed = self._place(inputs), *(self._place(a) for a in args)
-    result = jax.tree.map(np.asarray, self._run(self._state, *placed, None, settings=self.settings))
+    per_row = {'prompt_len': prompt_len, 'next_position': next_position,
+               'seeds': pad([r.seed for r in requests], 0, np.uint32),
+               'temperature': pad([r.temperature for r in requests], 0.0, np.float32),
+               'top_p': pad([r.top_p for r in requests], 1.0, np.float32),
+               'max_new': pad([r.max_new_tokens or n for r in requests], 1, np.int32)}
+    from coma_jax.data.pipeline import to_global  # here: data.pipeline imports grain, which GPU scripts may lack
+    sharding_for = lambda name, shape: batch_sharding(shape, BATCH_AXIS.get(name, 0), self.rules, self.mesh)
+    placed = to_global({'inputs': inputs, **per_row}, sharding_for, processes=1)  # this host's devices
+    result = jax.tree.map(np.asarray, self._run(self._state, placed['inputs'], *(placed[k] for k in per_row), None,
+                                                settings=self.settings))
     self.batches += 1
     done = []
     for i in range(len(requests)):
