@@ -54,7 +54,8 @@ def get_config(variant: str = 'stage1') -> ml_collections.ConfigDict:
     # micro_batches: 4 packed micro-batches of 8 rows of <= 8192 tokens; unpacked (data.packing=False)
     # the 256 examples need 32 micro-batches of 8 rows to hold the same tokens per micro-batch.
     c.stage1 = dict(mask='paper', label_mode='answers', multi_turn=True, normalisation='example_mean',
-                    micro_batches=4, loss_chunk=512)
+                    micro_batches=4, loss_chunk=512,
+                    label_budget=0)  # LM-head positions per micro-batch; 0: every label slot (stage1.py)
   else:
     c.train.steps = 1500
     c.data.global_batch = 1024

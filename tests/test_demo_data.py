@@ -1,4 +1,5 @@
 """The demo data folder (`python -m coma_jax.data.demo`) is a data_dir both loaders read."""
+import json
 import os
 import time
 
@@ -63,3 +64,14 @@ def test_both_loaders_read_the_demo_data(demo_data_dir):
                          end_step=1, image=SMALL_IMAGES)
   batch = next(stage2)[1]
   assert batch['query']['example_valid'].all() and batch['positive']['example_valid'].all()
+
+
+def test_stage1_records_caption_and_answer_questions(demo_data_dir):
+  """Stage 0 learns to describe the scenes (the captions the retrieval tasks use) and to answer."""
+  from coma_jax.data.demo_scenes import COUNTS
+  from coma_jax.data.qa_pipeline.prompts import CAPTION_PROMPTS
+  with open(os.path.join(demo_data_dir, 'raw', 'stage1', 'train.jsonl')) as f:
+    records = [json.loads(line) for line in f]
+  captions = [r for r in records if r['conversations'][0]['value'].split('\n')[-1] in CAPTION_PROMPTS]
+  assert 0 < len(captions) < len(records) / 3
+  assert all(len(r['conversations']) == 2 and r['conversations'][1]['value'].split()[0] in COUNTS for r in captions)

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import torch
 
-from coma_jax.training.stage1 import stage1_loss_terms
+from coma_jax.training.stage1 import compact_labels, label_budget_fallbacks, stage1_loss_terms
 from coma_jax.training.stage1_attention import paper_attend, reference_attend, stage1_attend
 from tests.stage1_batches import batch, example
 from tests.tiny_models import IMAGE, jax_twin, torch_model
@@ -88,3 +88,29 @@ def test_causal_mode_loss_equals_transformers(models):
   # The reference normalisation (mean of per-example means) differs when examples differ in length.
   num_e, den_e, _ = stage1_loss_terms(model, hidden, b, 'example_mean')
   assert abs(float(num_e / den_e) - ours) > 1e-6
+
+
+def test_a_label_budget_changes_nothing_but_the_cost(models):
+  """The LM head on the real labels only (compacted to `label_budget` positions), or on every slot
+  when a batch holds more than the budget: loss and gradients equal the every-slot loss."""
+  _, model, _ = models
+  b, _ = batch(model.config)
+  hidden = model.hidden_states(b['inputs'], stage1_attend('paper', b))
+  real = int((b['label_positions'] >= 0).sum())
+  slots = b['label_positions'].size
+  assert 0 < real < slots  # rows padded with empty label slots
+  targets = np.where(b['label_positions'] >= 0, b['label_targets'], -1).reshape(-1)
+  index, picked = compact_labels(jax.numpy.asarray(targets), real + 3)
+  assert np.array_equal(np.asarray(index)[:real], np.flatnonzero(targets >= 0))
+  assert np.array_equal(np.asarray(picked), np.r_[targets[targets >= 0], [-1] * 3])
+  for normalisation in ('example_mean', 'token_mean'):
+    def loss(h, budget):
+      num, den, _ = stage1_loss_terms(model, h, b, normalisation, chunk=8, label_budget=budget)
+      return num / den
+    full, g_full = jax.value_and_grad(loss)(hidden, 0)
+    for budget in (real, real + 5, real - 1):  # compacted (exactly full / spare slots), and the fallback
+      value, g = jax.jit(jax.value_and_grad(loss), static_argnums=1)(hidden, budget)
+      assert abs(float(value) - float(full)) <= 1e-6 * abs(float(full)), (normalisation, budget)
+      assert np.abs(np.asarray(g - g_full)).max() <= 1e-6 * np.abs(np.asarray(g_full)).max()
+  micro = {'label_positions': b['label_positions'][None]}
+  assert [int(label_budget_fallbacks(micro, n)) for n in (real - 1, real, 0)] == [1, 0, 0]

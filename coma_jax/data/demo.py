@@ -42,7 +42,7 @@ SIZES = {
     'full': DemoSize(stage1_train=6000, stage1_validation=256, pairs_per_task=1500, eval_queries=200),
 }
 STAMP = 'demo.json'  # what the raw files were written for
-CONTENT_VERSION = 2  # bump when the generated content changes: older folders are then refused
+CONTENT_VERSION = 3  # bump when the generated content changes: older folders are then refused
 
 
 class DemoMismatch(ValueError):

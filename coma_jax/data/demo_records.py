@@ -19,6 +19,7 @@ import os
 import numpy as np
 
 from coma_jax.data import demo_scenes as S
+from coma_jax.data.qa_pipeline.prompts import CAPTION_PROMPTS
 
 EVAL_FILE = 'test-00000-of-00001.parquet'  # one per dataset folder, as MMEB-eval publishes it
 TASK_TABLE = 'task_table.json'
@@ -68,8 +69,10 @@ def _unique_scenes(rng, n: int, count: int | None = None) -> list:
 # ---- stage 1 ---------------------------------------------------------------------------------
 
 def stage1_records(n: int, rng, save, prefix: str, two_images_every: int = 0) -> list[dict]:
-  """n LLaVA-style records: a scene with 2-3 questions (4 in 5), or a photo crop with one; with
-  `two_images_every`, one record in that many shows two scenes (multi-image rows, for the tests)."""
+  """n LLaVA-style records: a scene with 2-3 questions (3 in 5), a scene with a caption request and
+  its caption (1 in 5: the short-caption prompts of `coma_jax.datagen captions`), or a photo crop
+  with one question; with `two_images_every`, one record in that many shows two scenes (multi-image
+  rows, for the tests). Captions are as long as 39 tokens, answers a few."""
   records = []
   for i in range(n):
     if two_images_every and i % two_images_every == 3:
@@ -84,6 +87,10 @@ def stage1_records(n: int, rng, save, prefix: str, two_images_every: int = 0) ->
       subject = list(S.PHOTOS)[int(rng.integers(len(S.PHOTOS)))]
       image = save(S.photo_crop(subject, rng))
       turns = [S.photo_questions(subject)[int(rng.integers(2))]]
+    elif i % 5 == 2:
+      scene = S.random_scene(rng)
+      image = save(S.draw_scene(scene, rng))
+      turns = [(CAPTION_PROMPTS[int(rng.integers(len(CAPTION_PROMPTS)))], S.caption(scene))]
     else:
       scene = S.random_scene(rng)
       image = save(S.draw_scene(scene, rng))

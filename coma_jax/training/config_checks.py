@@ -85,6 +85,7 @@ def check_config(c, num_devices: int, process_count: int = 1, abstract: bool = F
     _require(s.mask in MASKS, 'stage1.mask', f'must be one of {MASKS}, got {s.mask!r}')
     _require(s.normalisation in NORMALISATIONS, 'stage1.normalisation', f'must be one of {NORMALISATIONS}')
     _require(s.label_mode in LABEL_MODES, 'stage1.label_mode', f'must be one of {LABEL_MODES}')
+    _require(s.label_budget >= 0, 'stage1.label_budget', f'must be >= 0 (0: every label slot), got {s.label_budget}')
     _require(all(b[2] > 0 for b in d.buckets), 'data.buckets',
              f'stage 1 needs label slots in every bucket (the third number), got {tuple(d.buckets)}: '
              'with 0 the loss would be 0')

@@ -86,7 +86,7 @@ def stage1_step_config(c, first_compression_id: int) -> Stage1StepConfig:
   s = c.stage1
   return Stage1StepConfig(mask=s.mask, normalisation=s.normalisation, micro_batches=s.micro_batches,
                           loss_chunk=s.loss_chunk, loss_remat=c.model.remat != 'none',
-                          attention_impl=c.model.attention,
+                          attention_impl=c.model.attention, label_budget=s.label_budget,
                           first_trainable_embedding_row=first_trainable_row(c, first_compression_id))
 
 

@@ -221,6 +221,8 @@ def train(c, workdir: str, profile_steps: tuple[int, int] | None = None, devices
           'mfu': None if peak is None else flops.model / seconds / (peak * jax.device_count()),
           'hfu': None if peak is None else flops.executed / seconds / (peak * jax.device_count()),
       }
+      if 'label_budget_fallbacks' in out:  # stage 1: micro-batches whose labels overran stage1.label_budget
+        record['label_budget_fallbacks'] = int(out['label_budget_fallbacks'])
       writer.write(step, record)
       progress.update(step, record)
       if run.stage2:

@@ -54,13 +54,26 @@ def gather_positions(hidden: jax.Array, positions: jax.Array) -> jax.Array:
   return jnp.take_along_axis(hidden, jnp.maximum(positions, 0)[..., None], axis=1)
 
 
+def compact_labels(targets: jax.Array, budget: int) -> tuple[jax.Array, jax.Array]:
+  """The flat slots (N,) of the first `budget` real labels (targets >= 0), in order, and their
+  targets (-1 past the real ones). Exact only when at most `budget` labels are real."""
+  index = jnp.nonzero(targets >= 0, size=budget, fill_value=0)[0]
+  return index, jnp.where(jnp.arange(budget) < (targets >= 0).sum(), targets[index], -1)
+
+
 def stage1_loss_terms(model, hidden: jax.Array, batch: dict, normalisation: str, chunk: int = 512,
-                      remat: bool = True):
+                      remat: bool = True, label_budget: int = 0):
   """(numerator, denominator, token count) of the batch's CE under the chosen normalisation.
 
   example_mean (the reference): the mean over examples of each example's mean token loss (each
   label weighs 1 / its example's label count, so packed rows need no per-example reduction);
   token_mean: the mean over all supervised tokens (what transformers' loss does).
+
+  `label_budget` > 0: the LM head runs on that many positions, the batch's real labels gathered
+  out of its (rows x label_slots) slots, instead of on every slot. Rows sized for the longest
+  answer (a caption among short answers) are mostly empty slots, and the head over the full
+  vocabulary is what a small model's step costs. A batch with more real labels than the budget
+  takes the every-slot branch (`lax.cond`; see `label_budget_fallbacks`): exact either way.
   """
   if normalisation not in NORMALISATIONS:
     raise ValueError(f'loss normalisation must be one of {NORMALISATIONS}, got {normalisation!r}')
@@ -68,11 +81,31 @@ def stage1_loss_terms(model, hidden: jax.Array, batch: dict, normalisation: str,
   b, p = label_positions.shape
   mask = label_positions >= 0
   h = gather_positions(hidden, label_positions).reshape(b * p, -1)
-  nll = chunked_token_nll(h, jnp.where(mask, label_targets, -1).reshape(-1), model.logits, chunk, remat).reshape(b, p)
+  targets = jnp.where(mask, label_targets, -1).reshape(-1)
+  weights = (1.0 / jnp.maximum(batch['label_counts'], 1) if normalisation == 'example_mean'
+             else jnp.ones((b, p), jnp.float32)).reshape(-1)
+
+  def every_slot(remat=remat):
+    return (chunked_token_nll(h, targets, model.logits, chunk, remat) * weights).sum()
+
+  def budgeted():
+    index, picked = compact_labels(targets, label_budget)
+    return (chunked_token_nll(h[index], picked, model.logits, chunk, remat) * weights[index]).sum()
+
   denominator = loss_denominator(batch, normalisation).astype(jnp.float32)
-  if normalisation == 'example_mean':
-    nll = nll / jnp.maximum(batch['label_counts'], 1)
-  return nll.sum(), denominator, mask.sum()
+  if not label_budget or label_budget >= b * p:
+    return every_slot(), denominator, mask.sum()
+  # The rare branch recomputes its logits: the gradient of a cond keeps (zero-filled) residuals
+  # for the branch not taken, and every slot's logits would be a large buffer filled every step.
+  return jax.lax.cond(mask.sum() > label_budget, lambda: every_slot(True), budgeted), denominator, mask.sum()
+
+
+def label_budget_fallbacks(micro: dict, label_budget: int) -> jax.Array:
+  """How many of the micro-batches (leading axis) hold more real labels than the budget."""
+  if not label_budget:
+    return jnp.zeros((), jnp.int32)
+  positions = micro['label_positions']
+  return ((positions >= 0).reshape(positions.shape[0], -1).sum(-1) > label_budget).sum().astype(jnp.int32)
 
 
 def loss_denominator(batch: dict, normalisation: str) -> jax.Array:
@@ -91,6 +124,7 @@ class Stage1StepConfig:
   loss_remat: bool = True  # recompute each chunk's logits in the backward pass (memory for time)
   attention_impl: str = 'auto'
   first_trainable_embedding_row: int | None = None  # set for embeddings='new_tokens_only'
+  label_budget: int = 0  # LM-head positions per micro-batch (0: every label slot); see stage1_loss_terms
 
 
 def make_stage1_grads(graphdef, cfg: Stage1StepConfig):
@@ -100,7 +134,8 @@ def make_stage1_grads(graphdef, cfg: Stage1StepConfig):
     model = nnx.merge(graphdef, params, frozen)
     ctx = DropoutContext.for_tokens(key, mb['token_ids'], mb['token_offsets'])
     hidden = model.hidden_states(mb['inputs'], stage1_attend(cfg.mask, mb, cfg.attention_impl), ctx)
-    numerator, _, tokens = stage1_loss_terms(model, hidden, mb, cfg.normalisation, cfg.loss_chunk, cfg.loss_remat)
+    numerator, _, tokens = stage1_loss_terms(model, hidden, mb, cfg.normalisation, cfg.loss_chunk, cfg.loss_remat,
+                                             cfg.label_budget)
     return numerator, tokens
 
   grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
@@ -128,7 +163,7 @@ def make_stage1_eval(graphdef, cfg: Stage1StepConfig):
     model = nnx.merge(graphdef, params, frozen)
     hidden = model.hidden_states(batch['inputs'], stage1_attend(cfg.mask, batch, cfg.attention_impl), None)
     numerator, denominator, _ = stage1_loss_terms(model, hidden, batch, cfg.normalisation, cfg.loss_chunk,
-                                                  remat=False)
+                                                  remat=False, label_budget=cfg.label_budget)
     return numerator, denominator
   return evaluate
 
@@ -139,6 +174,7 @@ def make_stage1_step(graphdef, tx: optax.GradientTransformation, cfg: Stage1Step
   def step(state: TrainState, batch: dict, key: jax.Array):
     loss, tokens, grads = grads_of(state.params, state.frozen, batch, key)
     new_state, metrics = apply_gradients(state, loss, grads, tx, cfg.first_trainable_embedding_row)
-    return new_state, dict(metrics, tokens=tokens)
+    fallbacks = label_budget_fallbacks(split_micro_batches(batch, cfg.micro_batches), cfg.label_budget)
+    return new_state, dict(metrics, tokens=tokens, label_budget_fallbacks=fallbacks)
 
   return step
