@@ -9,7 +9,7 @@ stage 1 (compression, with the paper's mask or the released code's causal one; K
 tokens) and stage 2. Evaluated on the demo's held-out set; three seeds each (model init and data
 order; the data are the same). `:smoke` is a two-arm, one-seed, few-step version for the tests.
 """
-STAGE0_STEPS, STAGE1_STEPS, STAGE2_STEPS = 200, 60, 240
+STAGE0_STEPS, STAGE1_STEPS, STAGE2_STEPS = 240, 60, 280
 
 
 def _stage0(steps):
