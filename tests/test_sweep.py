@@ -43,3 +43,24 @@ def test_the_smoke_sweep_runs_shares_stage0_and_resumes(demo_data_dir, tmp_path,
   out = capsys.readouterr().out
   assert 'training' not in out and out.count('; skipped') == 7  # stage0 twice, 3 other stages, 2 evaluations
   assert sweep.main(['--sweep', 'configs/sweeps/coma_effect.py:smoke', '--workdir', str(work), '--arms', 'nope']) == 1
+  # A user's own sweep file: their config file and data_dir, evaluate's arguments of their own.
+  # It names the same stages, so training is reused; its evaluation reruns with those arguments.
+  eval_raw = os.path.join(demo_data_dir, 'mmeb_eval_raw')
+  mine = tmp_path / 'my_sweep.py'
+  mine.write_text(f'''
+def get_sweep(variant=''):
+  return {{'config': {os.path.abspath('configs/demo.py')!r}, 'seeds': [0], 'baseline': 'alone',
+          'data': {{'data_dir': {demo_data_dir!r}, 'evaluate': ['--mmeb_dir', {eval_raw!r},
+                   '--image_root', {os.path.join(eval_raw, 'images')!r},
+                   '--task_table', {os.path.join(eval_raw, 'task_table.json')!r}]}},
+          'arms': {{'alone': [{{'name': 'stage0', 'variant': 'stage0', 'overrides': {{'train.steps': 2}}}},
+                             {{'name': 's2_k8_alone', 'variant': 'stage2', 'overrides': {{'train.steps': 4}}}}]}}}}
+''')
+  report = runs / 'stage0.s2_k8_alone' / 'report'
+  os.remove(report / 'report.json')
+  assert sweep.main(['--sweep', str(mine), '--workdir', str(work)]) == 0
+  out = capsys.readouterr().out
+  assert 'training' not in out and out.count('; skipped') == 2  # its two stages
+  assert '-m coma_jax.evaluate' in out and (report / 'report.json').exists()
+  results = json.load(open(work / 'results.json'))
+  assert list(results['arms']) == ['alone'] and results['arms']['alone']['metrics']['overall']['n'] == 1

@@ -173,11 +173,12 @@ def train(c, workdir: str, profile_steps: tuple[int, int] | None = None, devices
   if meta.get('data', {}).get('bad_records'):  # the skip report continues across restarts
     loader.restore_report(meta['data']['bad_records'])
 
-  def save(step: int, metrics: dict | None = None) -> None:
+  def save(step: int, metrics: dict | None = None, report: dict | None = None) -> None:
     if step == 0 or step in ckpts.all_steps():  # preempted right after a scheduled save, or before any step
       return
     train_items = {'opt_state': state.opt_state, 'step': state.step, 'skipped': state.skipped}
-    meta = {'loop_step': step, 'data': {'step': step, 'bad_records': loader.report()}, 'seed': c.seed,
+    report = loader.report() if report is None else report
+    meta = {'loop_step': step, 'data': {'step': step, 'bad_records': report}, 'seed': c.seed,
             'key': 'fold_in(key(seed), loop step)', 'config': config_json}
     ckpts.save(step, state.params, train_items, meta, metrics=metrics)
 
@@ -187,6 +188,7 @@ def train(c, workdir: str, profile_steps: tuple[int, int] | None = None, devices
       if profile_steps and step == profile_steps[0]:
         jax.profiler.start_trace(os.path.join(workdir, 'profile'))
       began = time.perf_counter()
+      report_before = loader.report()  # a preemption saves step - 1: without this batch's bad records
       try:
         data_step, batch, info = next(loader)
       except Exception:
@@ -196,7 +198,7 @@ def train(c, workdir: str, profile_steps: tuple[int, int] | None = None, devices
       # The stop is agreed after the (local) fetch and before the (collective) step, so every
       # process reaches this point at every step, whatever its loader did.
       if preemption.agreed():
-        save(step - 1)
+        save(step - 1, report=report_before)
         step -= 1
         break
       assert data_step == step - 1, (data_step, step)
