@@ -4,7 +4,7 @@ decoding would write), and per-token accuracy, by kind of record.
 
   python benchmarks/stage0_skills.py --workdir runs/coma_effect/runs/seed0/stage0 --data_dir runs/coma_effect/data
 
-Works on any stage-1 workdir of the demo (K > 0 too: the causal mask, as stage 0 trained).
+Works on any stage-1 workdir of the demo (K > 0 too, with the mask the run trained with).
 """
 from __future__ import annotations
 
@@ -46,15 +46,15 @@ def main() -> None:
 
   @jax.jit
   def predict(batch):
-    hidden = model.hidden_states(batch['inputs'], stage1_attend('causal', batch))
+    hidden = model.hidden_states(batch['inputs'], stage1_attend(c.stage1.mask, batch))
     return model.logits(gather_positions(hidden, batch['label_positions'])).argmax(-1)
 
   turns, tokens = collections.Counter(), collections.Counter()
+  end = tok.token_to_id('<|im_end|>')
   for _, batch, _ in loader:
     batch = {k: v for k, v in batch.items() if k not in ('labels', 'roles', 'example_ids')}
     guess = np.asarray(predict(batch))
     targets = np.asarray(batch['label_targets'])
-    end = tok.token_to_id('<|im_end|>')
     for row in range(targets.shape[0]):
       real = targets[row] >= 0
       start = 0  # a row's labels split into turns at each <|im_end|> (every answer ends with one)

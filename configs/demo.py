@@ -49,7 +49,8 @@ def get_config(variant: str = 'stage1'):
   # Not packed: at hidden 128 a longer row costs more in attention than packing saves. Packed
   # (the buckets below), the demo reached the same losses (to 3 decimals) and P@1 0.838 overall (0.849
   # unpacked) in 162 s + 492 s for the two stages, against 127 s + 416 s unpacked (same day; data
-  # version 2, before the captions). With captions, packed stage 0 ran 0.65 steps/s (rows of 512, 55 % padding).
+  # version 2, before the captions). With captions (and no label budget),
+  # packed stage 0 ran 0.65 steps/s (rows of 512, 55 % padding).
   c.data.packing = False
   if variant == 'stage1':
     c.train.steps = 150

@@ -112,5 +112,7 @@ def test_a_label_budget_changes_nothing_but_the_cost(models):
       value, g = jax.jit(jax.value_and_grad(loss), static_argnums=1)(hidden, budget)
       assert abs(float(value) - float(full)) <= 1e-6 * abs(float(full)), (normalisation, budget)
       assert np.abs(np.asarray(g - g_full)).max() <= 1e-6 * np.abs(np.asarray(g_full)).max()
-  micro = {'label_positions': b['label_positions'][None]}
-  assert [int(label_budget_fallbacks(micro, n)) for n in (real - 1, real, 0)] == [1, 0, 0]
+  assert [int(label_budget_fallbacks(b, 1, n)) for n in (real - 1, real, 0)] == [1, 0, 0]
+  per_row = (b['label_positions'] >= 0).sum(-1)  # two micro-batches: rows 0, 2, ... and 1, 3, ... (one group each)
+  halves = [int(per_row[m::2].sum()) for m in (0, 1)]
+  assert [int(label_budget_fallbacks(b, 2, n)) for n in (min(halves) - 1, max(halves) - 1, max(halves))] == [2, 1, 0]

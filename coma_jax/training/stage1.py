@@ -100,12 +100,12 @@ def stage1_loss_terms(model, hidden: jax.Array, batch: dict, normalisation: str,
   return jax.lax.cond(mask.sum() > label_budget, lambda: every_slot(True), budgeted), denominator, mask.sum()
 
 
-def label_budget_fallbacks(micro: dict, label_budget: int) -> jax.Array:
-  """How many of the micro-batches (leading axis) hold more real labels than the budget."""
+def label_budget_fallbacks(batch: dict, micro_batches: int, label_budget: int) -> jax.Array:
+  """How many of the batch's micro-batches hold more real labels than the budget (took every slot)."""
   if not label_budget:
     return jnp.zeros((), jnp.int32)
-  positions = micro['label_positions']
-  return ((positions >= 0).reshape(positions.shape[0], -1).sum(-1) > label_budget).sum().astype(jnp.int32)
+  positions = split_micro_batches({k: batch[k] for k in ('inputs', 'label_positions')}, micro_batches)['label_positions']
+  return ((positions >= 0).reshape(micro_batches, -1).sum(-1) > label_budget).sum().astype(jnp.int32)
 
 
 def loss_denominator(batch: dict, normalisation: str) -> jax.Array:
@@ -174,7 +174,7 @@ def make_stage1_step(graphdef, tx: optax.GradientTransformation, cfg: Stage1Step
   def step(state: TrainState, batch: dict, key: jax.Array):
     loss, tokens, grads = grads_of(state.params, state.frozen, batch, key)
     new_state, metrics = apply_gradients(state, loss, grads, tx, cfg.first_trainable_embedding_row)
-    fallbacks = label_budget_fallbacks(split_micro_batches(batch, cfg.micro_batches), cfg.label_budget)
+    fallbacks = label_budget_fallbacks(batch, cfg.micro_batches, cfg.label_budget)
     return new_state, dict(metrics, tokens=tokens, label_budget_fallbacks=fallbacks)
 
   return step
